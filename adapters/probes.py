@@ -1,0 +1,81 @@
+"""Vision-tower attention probes that leave SDPA / flash attention on (reference §3.4, §4.2).
+
+A forward pre-hook on one attention module receives the layer-normed hidden states ``[V, T, C]`` and
+recomputes only what a method asked for from ``q_proj`` / ``k_proj``:
+
+* ``cls``: the CLS query row, ``O(T·C)`` extra work → ``[V, H, T]``;
+* ``received``: the mean attention each token receives over all queries → ``[V, H, T]``, computed in
+  query chunks so the ``T×T`` map never exists at once.
+
+Works for CLIP and SigLIP (``encoder.layers[j].self_attn``, ``num_heads``/``scale``) and DINOv2
+(``encoder.layer[j].attention``, ``num_attention_heads``/``scaling``) in transformers 5.x.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmcompress.signals import VitAttention
+
+__all__ = ["AttentionProbe", "vision_attention_modules"]
+
+_Q_CHUNK = 256
+
+
+def vision_attention_modules(tower: nn.Module) -> list[nn.Module]:
+    """The per-layer attention modules of a CLIP / SigLIP / DINOv2 vision tower, in layer order."""
+    enc = getattr(tower, "encoder", None)
+    layers = getattr(enc, "layers", None) or getattr(enc, "layer", None)
+    if layers is None:
+        raise TypeError(f"vision tower {type(tower).__name__} has no encoder.layers / encoder.layer; "
+                        f"supported towers: CLIP, SigLIP, DINOv2 (transformers 5.x)")
+    mods = []
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+        if attn is None or not hasattr(attn, "q_proj") or not hasattr(attn, "k_proj"):
+            raise TypeError(f"vision layer {type(layer).__name__} has no attention with q_proj/k_proj")
+        mods.append(attn)
+    return mods
+
+
+def _heads(mod: nn.Module) -> tuple[int, int, float]:
+    h = getattr(mod, "num_heads", None) or getattr(mod, "num_attention_heads", None)
+    hd = getattr(mod, "head_dim", None)
+    scale = getattr(mod, "scale", None) or getattr(mod, "scaling", None)
+    if h is None or hd is None or scale is None:
+        raise TypeError(f"cannot read heads/head_dim/scale from {type(mod).__name__}")
+    return int(h), int(hd), float(scale)
+
+
+class AttentionProbe:
+    """Records one signal per vision forward. ``value`` is ``[V, H, T]`` (float32) after each forward."""
+
+    def __init__(self, module: nn.Module, signal: VitAttention) -> None:
+        self.signal = signal
+        self.value: torch.Tensor | None = None
+        self.enabled = True
+        self.heads, self.head_dim, self.scale = _heads(module)
+        self._h = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def remove(self) -> None:
+        self._h.remove()
+
+    @torch.no_grad()
+    def _hook(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.enabled:
+            return
+        hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        V, T, _ = hs.shape
+        H, hd = self.heads, self.head_dim
+        k = mod.k_proj(hs).view(V, T, H, hd).transpose(1, 2).float()  # [V, H, T, hd]
+        if self.signal.kind == "cls":
+            q = mod.q_proj(hs[:, :1]).view(V, 1, H, hd).transpose(1, 2).float()
+            self.value = torch.softmax((q @ k.transpose(-1, -2)) * self.scale, -1)[:, :, 0]
+            return
+        q = mod.q_proj(hs).view(V, T, H, hd).transpose(1, 2).float()
+        acc = torch.zeros(V, H, T, device=hs.device)
+        for s in range(0, T, _Q_CHUNK):
+            a = torch.softmax((q[:, :, s : s + _Q_CHUNK] @ k.transpose(-1, -2)) * self.scale, -1)
+            acc += a.sum(dim=2)
+        self.value = acc / T

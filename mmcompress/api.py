@@ -1,0 +1,173 @@
+"""Public API: ``compress`` / ``restore`` / ``disabled`` / ``report`` / ``prepare_inputs`` (DESIGN §3).
+
+Patches are instance-scoped and reversible: they live on the model instance (never on its class), a
+second ``compress`` replaces the first, and ``restore`` leaves the instance exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import registry
+from .config import MethodConfig, PreLLMMethod, check_choice
+from .report import CallReport, ImageReport
+from .tokens import Layout, Selection, VisualTokens
+
+__all__ = ["Handle", "compress", "restore", "disabled", "report", "prepare_inputs"]
+
+_ATTR = "_mmcompress_handle"
+POSITIONS = ("original", "compact")
+
+
+class Handle:
+    """A model's active compression: the method, the adapter that hooks it, the last call's report."""
+
+    def __init__(self, model: nn.Module, method: PreLLMMethod, positions: str) -> None:
+        self.model = model
+        self.method = method
+        self.positions = positions
+        self.enabled = True
+        self.last_report: CallReport | None = None
+        self.adapter = None
+
+    def __repr__(self) -> str:
+        return (f"Handle({type(self.model).__name__}, {self.method.to_dict()}, positions={self.positions!r}, "
+                f"enabled={self.enabled})")
+
+    # Called by adapters: one image at a time, so batch composition never changes a selection.
+    def select(self, features: Sequence[torch.Tensor], layouts: Sequence[Layout],
+               signals: Sequence[dict]) -> list[Selection]:
+        rep = CallReport(method=self.method.to_dict())
+        out = []
+        t0 = time.perf_counter()
+        for i, (f, lay, sig) in enumerate(zip(features, layouts, signals)):
+            if not torch.isfinite(f).all():
+                raise ValueError(f"image {i}: visual features contain NaN or inf; method {self.method.name!r} "
+                                 f"needs finite features")
+            tokens = VisualTokens(features=f, layout=lay, signals=sig, image_index=i)
+            with torch.no_grad():
+                sel = self.method.select(tokens)
+            _check_selection(sel, f.shape[0], self.method.name, i)
+            out.append(sel)
+            rep.images.append(ImageReport(f.shape[0], sel.num_kept, sel.indices.tolist(), lay))
+        rep.method_ms = (time.perf_counter() - t0) * 1e3
+        self.last_report = rep
+        return out
+
+    def remove(self) -> None:
+        restore(self.model)
+
+
+def _check_selection(sel: Selection, n: int, name: str, i: int) -> None:
+    idx = sel.indices
+    if idx.numel() == 0:
+        raise RuntimeError(f"method {name!r} kept no token of image {i}")
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise RuntimeError(f"method {name!r} returned indices outside [0, {n}) for image {i}")
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        raise RuntimeError(f"method {name!r} must return strictly increasing indices (image {i})")
+
+
+def _as_method(method: Any, kwargs: dict) -> PreLLMMethod:
+    if isinstance(method, (list, tuple)):
+        if len(method) != 1:
+            raise ValueError(f"got {len(method)} methods; this version composes one pre-LLM method per model "
+                             f"({[getattr(m, 'name', m) for m in method]})")
+        method = method[0]
+    if isinstance(method, str):
+        method = registry.create(method, **kwargs)
+    elif isinstance(method, MethodConfig):
+        if kwargs:
+            raise TypeError(f"pass options either in the config object or as keywords, not both "
+                            f"(got a {type(method).__name__} and {sorted(kwargs)})")
+    else:
+        raise TypeError(f"method must be a method name ({', '.join(registry.names())}) or a config object, "
+                        f"got {method!r}")
+    if not isinstance(method, PreLLMMethod):
+        raise TypeError(f"method {method.name!r} (stage {method.stage!r}) is not a pre-LLM method")
+    return method
+
+
+def compress(model: nn.Module, method: str | MethodConfig | Sequence[MethodConfig], *,
+             positions: str = "original", **kwargs: Any) -> Handle:
+    """Compress ``model``'s visual tokens from now on.
+
+    Args:
+        model: a supported VLM instance (see :func:`mmcompress.adapters.base.supported_families`).
+        method: a registered name (``"divprune"``, ``"pool"``, ...) with its options as keywords, or a
+            config object (``mmc.DivPrune(keep=64)``).
+        positions: ``"original"`` (kept tokens keep their RoPE positions; default) or ``"compact"``
+            (renumber the shortened prompt 0..L'-1, as the official LLaVA-codebase methods do).
+
+    Returns the :class:`Handle`. Every check runs before anything is patched, so a bad call leaves the
+    model as it was; a second call replaces the first.
+    """
+    from mmcompress.adapters.base import find_adapter
+
+    check_choice(positions, "positions", POSITIONS)
+    cfg = _as_method(method, kwargs)
+    adapter_cls = find_adapter(model)
+    handle = Handle(model, cfg, positions)
+    adapter = adapter_cls(model, handle)
+    adapter.check()
+    restore(model)
+    handle.adapter = adapter
+    try:
+        adapter.install()
+    except BaseException:
+        adapter.uninstall()
+        raise
+    setattr(model, _ATTR, handle)
+    return handle
+
+
+def _handle(model: nn.Module) -> Handle | None:
+    return model.__dict__.get(_ATTR)
+
+
+def restore(model: nn.Module) -> None:
+    """Remove every mmcompress patch from ``model`` (no-op if none)."""
+    h = _handle(model)
+    if h is None:
+        return
+    h.adapter.uninstall()
+    del model.__dict__[_ATTR]
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the uncompressed model inside the block (same instance, patches kept but bypassed)."""
+    h = _handle(model)
+    if h is None:
+        yield model
+        return
+    prev, h.enabled = h.enabled, False
+    try:
+        yield model
+    finally:
+        h.enabled = prev
+
+
+def report(model: nn.Module) -> CallReport | None:
+    """The last compressed call's :class:`~mmcompress.report.CallReport` (None before the first)."""
+    h = _handle(model)
+    return None if h is None else h.last_report
+
+
+def prepare_inputs(model: nn.Module, **inputs: Any) -> dict:
+    """Prune before ``generate()`` for the static-cache / ``torch.compile`` route (reference §3.2).
+
+    Returns ``input_ids``, ``attention_mask``, ``position_ids`` and ``mm_encoder_outputs`` for an
+    already-shortened prompt: ``model.generate(**prepare_inputs(model, **batch), cache_implementation="static")``.
+    Generated sequences are relative to the shortened prompt.
+    """
+    h = _handle(model)
+    if h is None:
+        raise ValueError("prepare_inputs needs a compressed model: call mmcompress.compress(model, ...) first")
+    return h.adapter.prepare_inputs(inputs)

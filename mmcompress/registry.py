@@ -1,0 +1,43 @@
+"""Method registry: name -> config class. Unknown names raise and list the known ones."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import MethodConfig
+
+__all__ = ["register", "get", "names", "create"]
+
+_METHODS: dict[str, type[MethodConfig]] = {}
+
+
+def register(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Class decorator: make ``cls`` reachable by ``cls.name``."""
+    name = cls.name
+    if name in _METHODS and _METHODS[name] is not cls:
+        raise ValueError(f"method name {name!r} is already registered by {_METHODS[name].__qualname__}")
+    _METHODS[name] = cls
+    return cls
+
+
+def _ensure_loaded() -> None:
+    from . import methods  # noqa: F401  (importing the package registers every built-in method)
+
+
+def names() -> list[str]:
+    """Registered method names, sorted."""
+    _ensure_loaded()
+    return sorted(_METHODS)
+
+
+def get(name: str) -> type[MethodConfig]:
+    _ensure_loaded()
+    if not isinstance(name, str) or name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
+def create(name: str, **kwargs) -> MethodConfig:
+    """Build and validate the config of method ``name``."""
+    return get(name)(**kwargs)
