@@ -41,8 +41,10 @@ def placeholder_keep_mask(
     for i, (n, k) in enumerate(zip(counts, kept)):
         slots = flat[off : off + n]
         if n and slots[0] // L != slots[-1] // L:
-            raise ValueError(f"image {i}'s {n} placeholder tokens span two batch rows; the number of images "
-                             f"does not match the prompts' <image> placeholders")
+            raise ValueError(
+                f"image {i}'s {n} placeholder tokens span two batch rows; the number of images "
+                f"does not match the prompts' <image> placeholders"
+            )
         drop = torch.ones(n, dtype=torch.bool, device=input_ids.device)
         drop[k.to(input_ids.device)] = False
         keep[slots[drop]] = False

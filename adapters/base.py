@@ -71,5 +71,7 @@ def find_adapter(model: nn.Module) -> type[Adapter]:
     for a in adapters():
         if a.supports(model):
             return a
-    raise TypeError(f"mmcompress does not support {type(model).__name__}; supported model families: "
-                    f"{'; '.join(supported_families())}")
+    raise TypeError(
+        f"mmcompress does not support {type(model).__name__}; supported model families: "
+        f"{'; '.join(supported_families())}"
+    )

@@ -100,19 +100,23 @@ class HFLlavaAdapter(Adapter):
         method = self.handle.method
         if self.layout_kind() not in method.layouts:
             raise ValueError(
-                f"method {method.name!r} needs a {' or '.join(method.layouts)} layout (e.g. LLaVA-NeXT AnyRes); "
+                f"method {method.name!r} needs a {' or '.join(method.layouts)} layout "
                 f"{type(self.model).__name__} packs a {self.layout_kind()} view"
             )
         keep = getattr(method, "keep", None)
         n = getattr(self.config, "image_seq_length", None)
         if self.layout_kind() == "single" and isinstance(keep, int) and n and keep > n:
-            raise ValueError(f"keep={keep} exceeds the {n} visual tokens per image of this model "
-                             f"(config.image_seq_length); allowed: 1..{n} or a fraction in (0, 1]")
+            raise ValueError(
+                f"keep={keep} exceeds the {n} visual tokens per image of this model "
+                f"(config.image_seq_length); allowed: 1..{n} or a fraction in (0, 1]"
+            )
         if method.needs():
             mods = vision_attention_modules(self.base.vision_tower)
             for sig in method.needs():
                 if not -len(mods) <= sig.layer < len(mods):
-                    raise ValueError(f"{sig} asks for vision layer {sig.layer}; the tower has {len(mods)} layers")
+                    raise ValueError(
+                        f"{sig} asks for vision layer {sig.layer}; the tower has {len(mods)} layers"
+                    )
 
     # -- install / uninstall -----------------------------------------------------------------------
     def install(self) -> None:
@@ -159,15 +163,19 @@ class HFLlavaAdapter(Adapter):
         base = GridView("base", 0, h, w)
         if n == h * w + 1:  # a single patch: thumbnail + one trailing newline (LlavaNext pack_image_features)
             return Layout((base, GridView("newline", h * w, 1, 1)))
-        nph, npw = get_anyres_image_grid_shape(image_size, self.config.image_grid_pinpoints,
-                                               self.config.vision_config.image_size)
+        nph, npw = get_anyres_image_grid_shape(
+            image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        )
         rows, cols, top, left = _index_canvas_unpad(nph * h, npw * w, image_size)
-        crops = GridView("crops", h * w, rows, cols, newline=True, tiles=(nph, npw), tile_shape=(h, w),
-                         offset=(top, left))
+        crops = GridView(
+            "crops", h * w, rows, cols, newline=True, tiles=(nph, npw), tile_shape=(h, w), offset=(top, left)
+        )
         layout = Layout((base, crops))
         if layout.num_tokens != n:
-            raise ValueError(f"AnyRes layout mismatch: computed {layout.num_tokens} tokens for image size "
-                             f"{list(image_size)}, the model packed {n}")
+            raise ValueError(
+                f"AnyRes layout mismatch: computed {layout.num_tokens} tokens for image size "
+                f"{list(image_size)}, the model packed {n}"
+            )
         return layout
 
     def _views_per_image(self, image_sizes: Any, num_images: int) -> list[int]:
@@ -175,8 +183,12 @@ class HFLlavaAdapter(Adapter):
             return [1] * num_images
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        return [image_size_to_num_patches(s, self.config.image_grid_pinpoints, self.config.vision_config.image_size)
-                for s in image_sizes]
+        return [
+            image_size_to_num_patches(
+                s, self.config.image_grid_pinpoints, self.config.vision_config.image_size
+            )
+            for s in image_sizes
+        ]
 
     # -- the hooks ---------------------------------------------------------------------------------
     def _get_image_features(self, *args, **kwargs):
@@ -213,13 +225,17 @@ class HFLlavaAdapter(Adapter):
             return hit[1]
         # features that did not come through our get_image_features (user-encoded mm_encoder_outputs)
         if self.handle.method.needs():
-            raise ValueError(f"method {self.handle.method.name!r} needs vision-tower signals, which only exist "
-                             f"when the images are encoded by this model; pass pixel_values instead of "
-                             f"precomputed mm_encoder_outputs")
+            raise ValueError(
+                f"method {self.handle.method.name!r} needs vision-tower signals, which only exist "
+                f"when the images are encoded by this model; pass pixel_values instead of "
+                f"precomputed mm_encoder_outputs"
+            )
         n = feat.shape[0]
         layout = self._single_layout(n, None) if self.layout_kind() == "single" else None
         if layout is None:
-            raise ValueError("precomputed AnyRes features carry no image sizes; pass pixel_values and image_sizes")
+            raise ValueError(
+                "precomputed AnyRes features carry no image sizes; pass pixel_values and image_sizes"
+            )
         sel = self.handle.select([feat], [layout], [{}])[0]
         self._selected[id(feat)] = (feat, sel)
         return sel
@@ -250,11 +266,15 @@ class HFLlavaAdapter(Adapter):
                 self._state = None
                 return self._orig_forward(**kw)
             if past > 0:
-                raise ValueError("mmcompress: images arrived with a non-empty KV cache; compressed prompts "
-                                 "must start a new cache")
+                raise ValueError(
+                    "mmcompress: images arrived with a non-empty KV cache; compressed prompts "
+                    "must start a new cache"
+                )
             return self._prefill(enc, mm, kw, pkv)
         if past == 0:
-            self._state = None  # text-only prompt: nothing to translate (resets state from an earlier image call)
+            self._state = (
+                None  # text-only prompt: nothing to translate (resets state from an earlier image call)
+            )
         elif self._state is not None:
             self._translate_decode(kw, past)
             return self._record_kv(self._orig_forward(**kw), pkv)
@@ -283,20 +303,23 @@ class HFLlavaAdapter(Adapter):
         """Apply the selections: returns (new kwargs, new encoder output, decode state)."""
         input_ids = kw.get("input_ids")
         if input_ids is None:
-            raise ValueError("mmcompress needs input_ids at prefill to find the image placeholders "
-                             "(got inputs_embeds only)")
+            raise ValueError(
+                "mmcompress needs input_ids at prefill to find the image placeholders "
+                "(got inputs_embeds only)"
+            )
         feats = list(enc.pooler_output)
         sels = [self._selection_for(f, i) for i, f in enumerate(feats)]
-        keep_tok = placeholder_keep_mask(input_ids, self.token_id, [f.shape[0] for f in feats],
-                                         [s.indices for s in sels])
+        keep_tok = placeholder_keep_mask(
+            input_ids, self.token_id, [f.shape[0] for f in feats], [s.indices for s in sels]
+        )
         am = kw.get("attention_mask")
         if am is not None and am.dim() != 2:
             raise ValueError(f"mmcompress needs a 2-D attention_mask at prefill, got shape {tuple(am.shape)}")
         shr = shrink_batch(keep_tok, am)
         am_full = am if am is not None else torch.ones_like(input_ids)
         pos = kw.get("position_ids")
-        if pos is None:
-            pos = (am_full.long().cumsum(-1) - 1).clamp(min=0)
+        if pos is None:  # what the decoder would use (LlamaModel: arange over the padded row)
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand_as(input_ids)
         pad_id = 0 if self.token_id != 0 else 1
         new = dict(kw)
         new["input_ids"] = shr.take(input_ids, pad_id)
@@ -336,8 +359,11 @@ class HFLlavaAdapter(Adapter):
     def _outer_forward(self, *args, **kw):
         labels = kw.pop("labels", None)
         if labels is None or not self.handle.enabled:
-            return self._orig_outer(*args, labels=labels, **kw) if labels is not None else self._orig_outer(
-                *args, **kw)
+            return (
+                self._orig_outer(*args, labels=labels, **kw)
+                if labels is not None
+                else self._orig_outer(*args, **kw)
+            )
         self._pending_labels, self._shrunk_labels = labels, None
         try:
             out = self._orig_outer(*args, **kw)
@@ -345,8 +371,9 @@ class HFLlavaAdapter(Adapter):
             self._pending_labels = None
         shrunk = self._shrunk_labels if self._shrunk_labels is not None else labels
         self._shrunk_labels = None
-        out.loss = self.model.loss_function(logits=out.logits, labels=shrunk,
-                                            vocab_size=self.config.text_config.vocab_size)
+        out.loss = self.model.loss_function(
+            logits=out.logits, labels=shrunk, vocab_size=self.config.text_config.vocab_size
+        )
         out.labels = shrunk
         return out
 
@@ -357,12 +384,12 @@ class HFLlavaAdapter(Adapter):
             raise ValueError("prepare_inputs needs pixel_values (an image prompt)")
         enc = self._encode(kw)
         new, new_enc, _ = self._shrink(enc, kw)
-        new["attention_mask"] = new["attention_mask"] if new["attention_mask"] is not None else torch.ones_like(
-            new["input_ids"])
+        new["attention_mask"] = (
+            new["attention_mask"] if new["attention_mask"] is not None else torch.ones_like(new["input_ids"])
+        )
         self._prepared = {id(f): f for f in new_enc.pooler_output}
         new.pop("pixel_values", None)
         for k in ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy"):
             new.pop(k, None)
         new["mm_encoder_outputs"] = {"image": new_enc}
         return new
-

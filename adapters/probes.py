@@ -28,8 +28,10 @@ def vision_attention_modules(tower: nn.Module) -> list[nn.Module]:
     enc = getattr(tower, "encoder", None)
     layers = getattr(enc, "layers", None) or getattr(enc, "layer", None)
     if layers is None:
-        raise TypeError(f"vision tower {type(tower).__name__} has no encoder.layers / encoder.layer; "
-                        f"supported towers: CLIP, SigLIP, DINOv2 (transformers 5.x)")
+        raise TypeError(
+            f"vision tower {type(tower).__name__} has no encoder.layers / encoder.layer; "
+            f"supported towers: CLIP, SigLIP, DINOv2 (transformers 5.x)"
+        )
     mods = []
     for layer in layers:
         attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)

@@ -1,23 +1,35 @@
 """mmcompress: drop-in visual-token compression for vision-language models.
 
-    import mmcompress as mmc
-    mmc.compress(model, "divprune", keep=64)   # model.generate() now runs on 64 visual tokens per image
-    mmc.report(model)                          # what the last call did
-    with mmc.disabled(model): ...              # the baseline on the same instance
-    mmc.restore(model)                         # bit-identical to never patched
+import mmcompress as mmc
+mmc.compress(model, "divprune", keep=64)   # model.generate() now runs on 64 visual tokens per image
+mmc.report(model)                          # what the last call did
+with mmc.disabled(model): ...              # the baseline on the same instance
+mmc.restore(model)                         # bit-identical to never patched
 """
 
 from .api import Handle, compress, disabled, prepare_inputs, report, restore
 from .config import MethodConfig, PreLLMMethod
-from .registry import names as methods
+from .registry import names as available_methods
 from .signals import VitAttention
 from .tokens import GridView, Layout, Selection, VisualTokens
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compress", "restore", "disabled", "report", "prepare_inputs", "Handle", "methods",
-    "MethodConfig", "PreLLMMethod", "VitAttention", "VisualTokens", "Selection", "Layout", "GridView",
+    "compress",
+    "restore",
+    "disabled",
+    "report",
+    "prepare_inputs",
+    "Handle",
+    "available_methods",
+    "MethodConfig",
+    "PreLLMMethod",
+    "VitAttention",
+    "VisualTokens",
+    "Selection",
+    "Layout",
+    "GridView",
 ]
 
 

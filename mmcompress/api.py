@@ -37,19 +37,24 @@ class Handle:
         self.adapter = None
 
     def __repr__(self) -> str:
-        return (f"Handle({type(self.model).__name__}, {self.method.to_dict()}, positions={self.positions!r}, "
-                f"enabled={self.enabled})")
+        return (
+            f"Handle({type(self.model).__name__}, {self.method.to_dict()}, positions={self.positions!r}, "
+            f"enabled={self.enabled})"
+        )
 
     # Called by adapters: one image at a time, so batch composition never changes a selection.
-    def select(self, features: Sequence[torch.Tensor], layouts: Sequence[Layout],
-               signals: Sequence[dict]) -> list[Selection]:
+    def select(
+        self, features: Sequence[torch.Tensor], layouts: Sequence[Layout], signals: Sequence[dict]
+    ) -> list[Selection]:
         rep = CallReport(method=self.method.to_dict())
         out = []
         t0 = time.perf_counter()
         for i, (f, lay, sig) in enumerate(zip(features, layouts, signals)):
             if not torch.isfinite(f).all():
-                raise ValueError(f"image {i}: visual features contain NaN or inf; method {self.method.name!r} "
-                                 f"needs finite features")
+                raise ValueError(
+                    f"image {i}: visual features contain NaN or inf; method {self.method.name!r} "
+                    f"needs finite features"
+                )
             tokens = VisualTokens(features=f, layout=lay, signals=sig, image_index=i)
             with torch.no_grad():
                 sel = self.method.select(tokens)
@@ -77,25 +82,35 @@ def _check_selection(sel: Selection, n: int, name: str, i: int) -> None:
 def _as_method(method: Any, kwargs: dict) -> PreLLMMethod:
     if isinstance(method, (list, tuple)):
         if len(method) != 1:
-            raise ValueError(f"got {len(method)} methods; this version composes one pre-LLM method per model "
-                             f"({[getattr(m, 'name', m) for m in method]})")
+            raise ValueError(
+                f"got {len(method)} methods; this version composes one pre-LLM method per model "
+                f"({[getattr(m, 'name', m) for m in method]})"
+            )
         method = method[0]
     if isinstance(method, str):
         method = registry.create(method, **kwargs)
     elif isinstance(method, MethodConfig):
         if kwargs:
-            raise TypeError(f"pass options either in the config object or as keywords, not both "
-                            f"(got a {type(method).__name__} and {sorted(kwargs)})")
+            raise TypeError(
+                f"pass options either in the config object or as keywords, not both "
+                f"(got a {type(method).__name__} and {sorted(kwargs)})"
+            )
     else:
-        raise TypeError(f"method must be a method name ({', '.join(registry.names())}) or a config object, "
-                        f"got {method!r}")
+        raise TypeError(
+            f"method must be a method name ({', '.join(registry.names())}) or a config object, got {method!r}"
+        )
     if not isinstance(method, PreLLMMethod):
         raise TypeError(f"method {method.name!r} (stage {method.stage!r}) is not a pre-LLM method")
     return method
 
 
-def compress(model: nn.Module, method: str | MethodConfig | Sequence[MethodConfig], *,
-             positions: str = "original", **kwargs: Any) -> Handle:
+def compress(
+    model: nn.Module,
+    method: str | MethodConfig | Sequence[MethodConfig],
+    *,
+    positions: str = "original",
+    **kwargs: Any,
+) -> Handle:
     """Compress ``model``'s visual tokens from now on.
 
     Args:
@@ -164,10 +179,15 @@ def prepare_inputs(model: nn.Module, **inputs: Any) -> dict:
     """Prune before ``generate()`` for the static-cache / ``torch.compile`` route (reference §3.2).
 
     Returns ``input_ids``, ``attention_mask``, ``position_ids`` and ``mm_encoder_outputs`` for an
-    already-shortened prompt: ``model.generate(**prepare_inputs(model, **batch), cache_implementation="static")``.
+    already-shortened prompt::
+
+        model.generate(**prepare_inputs(model, **batch), cache_implementation="static")
+
     Generated sequences are relative to the shortened prompt.
     """
     h = _handle(model)
     if h is None:
-        raise ValueError("prepare_inputs needs a compressed model: call mmcompress.compress(model, ...) first")
+        raise ValueError(
+            "prepare_inputs needs a compressed model: call mmcompress.compress(model, ...) first"
+        )
     return h.adapter.prepare_inputs(inputs)

@@ -20,12 +20,16 @@ __all__ = ["MethodConfig", "PreLLMMethod", "check_keep", "resolve_keep", "check_
 def check_keep(keep: Any, field: str = "keep") -> int | float:
     """Validate a budget: an int >= 1 (tokens per image) or a float in (0, 1] (a fraction)."""
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"{field} must be an int (tokens per image) or a float in (0, 1] (fraction), "
-                        f"got {keep!r} of type {type(keep).__name__}")
+        raise TypeError(
+            f"{field} must be an int (tokens per image) or a float in (0, 1] (fraction), "
+            f"got {keep!r} of type {type(keep).__name__}"
+        )
     if isinstance(keep, float):
         if not math.isfinite(keep) or not 0.0 < keep <= 1.0:
-            raise ValueError(f"{field}={keep!r} is not allowed: a float budget must be a fraction in (0, 1]; "
-                             f"use an int for a token count")
+            raise ValueError(
+                f"{field}={keep!r} is not allowed: a float budget must be a fraction in (0, 1]; "
+                f"use an int for a token count"
+            )
     elif keep < 1:
         raise ValueError(f"{field}={keep!r} is not allowed: an int budget must be >= 1 visual token")
     return keep
@@ -40,8 +44,10 @@ def resolve_keep(keep: int | float, n: int, field: str = "keep") -> int:
     if isinstance(keep, float):
         return max(1, int(round(keep * n)))
     if keep > n:
-        raise ValueError(f"{field}={keep} exceeds the {n} visual tokens available for this image; "
-                         f"allowed: 1..{n} or a fraction in (0, 1]")
+        raise ValueError(
+            f"{field}={keep} exceeds the {n} visual tokens available for this image; "
+            f"allowed: 1..{n} or a fraction in (0, 1]"
+        )
     return int(keep)
 
 
@@ -93,8 +99,9 @@ class MethodConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown field(s) {sorted(unknown)} for method {cls.name!r}; "
-                             f"allowed: {sorted(known)}")
+            raise ValueError(
+                f"unknown field(s) {sorted(unknown)} for method {cls.name!r}; allowed: {sorted(known)}"
+            )
         return cls(**d)
 
     @staticmethod

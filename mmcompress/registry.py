@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -22,7 +23,8 @@ def register(cls: type[MethodConfig]) -> type[MethodConfig]:
 
 
 def _ensure_loaded() -> None:
-    from . import methods  # noqa: F401  (importing the package registers every built-in method)
+    # importing the package registers every built-in method
+    importlib.import_module("mmcompress.methods")
 
 
 def names() -> list[str]:

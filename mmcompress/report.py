@@ -38,8 +38,12 @@ class ImageReport:
     layout: Layout
 
     def to_dict(self) -> dict:
-        return {"tokens_in": self.tokens_in, "tokens_out": self.tokens_out, "kept": self.kept,
-                "layout": self.layout.to_dict()}
+        return {
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "kept": self.kept,
+            "layout": self.layout.to_dict(),
+        }
 
 
 @dataclass
@@ -67,12 +71,19 @@ class CallReport:
         return [im.kept for im in self.images]
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "method_ms": self.method_ms, "images": [i.to_dict() for i in self.images],
-                "prompt_len_in": self.prompt_len_in, "prompt_len_out": self.prompt_len_out,
-                "kv_bytes": self.kv_bytes}
+        return {
+            "method": self.method,
+            "method_ms": self.method_ms,
+            "images": [i.to_dict() for i in self.images],
+            "prompt_len_in": self.prompt_len_in,
+            "prompt_len_out": self.prompt_len_out,
+            "kv_bytes": self.kv_bytes,
+        }
 
     def __str__(self) -> str:
         name = self.method.get("method", "?")
         per = ", ".join(f"{a}->{b}" for a, b in zip(self.tokens_in, self.tokens_out))
-        return (f"{name}: visual tokens per image [{per}], method {self.method_ms:.2f} ms, prompt "
-                f"{self.prompt_len_in}->{self.prompt_len_out}, KV {self.kv_bytes} bytes")
+        return (
+            f"{name}: visual tokens per image [{per}], method {self.method_ms:.2f} ms, prompt "
+            f"{self.prompt_len_in}->{self.prompt_len_out}, KV {self.kv_bytes} bytes"
+        )

@@ -94,8 +94,9 @@ class Layout:
         pos = 0
         for v in self.views:
             if v.start != pos:
-                raise ValueError(f"Layout views must be contiguous: view {v.name!r} starts at {v.start}, "
-                                 f"expected {pos}")
+                raise ValueError(
+                    f"Layout views must be contiguous: view {v.name!r} starts at {v.start}, expected {pos}"
+                )
             pos = v.stop
 
     @classmethod
@@ -145,8 +146,10 @@ class VisualTokens:
         if self.features.dim() != 2:
             raise ValueError(f"VisualTokens.features must be [N, D], got shape {tuple(self.features.shape)}")
         if self.features.shape[0] != self.layout.num_tokens:
-            raise ValueError(f"VisualTokens: features have {self.features.shape[0]} rows but the layout packs "
-                             f"{self.layout.num_tokens} tokens")
+            raise ValueError(
+                f"VisualTokens: features have {self.features.shape[0]} rows but the layout packs "
+                f"{self.layout.num_tokens} tokens"
+            )
 
     @property
     def num_tokens(self) -> int:
@@ -174,11 +177,14 @@ class Selection:
 
     def __post_init__(self) -> None:
         if self.indices.dim() != 1 or self.indices.dtype != torch.long:
-            raise ValueError(f"Selection.indices must be a 1-D int64 tensor, got shape "
-                             f"{tuple(self.indices.shape)} dtype {self.indices.dtype}")
+            raise ValueError(
+                f"Selection.indices must be a 1-D int64 tensor, got shape "
+                f"{tuple(self.indices.shape)} dtype {self.indices.dtype}"
+            )
         if self.features is not None and self.features.shape[0] != self.indices.shape[0]:
-            raise ValueError(f"Selection.features has {self.features.shape[0]} rows for "
-                             f"{self.indices.shape[0]} indices")
+            raise ValueError(
+                f"Selection.features has {self.features.shape[0]} rows for {self.indices.shape[0]} indices"
+            )
 
     @property
     def num_kept(self) -> int:
