@@ -52,8 +52,16 @@ def _encode(processor, samples: Sequence[Sample]) -> dict:
     return processor(images=[s.image for s in samples], text=prompts, padding=True, return_tensors="pt")
 
 
-def evaluate_config(model, processor, samples: Sequence[Sample], *, batch_size: int = 1, max_new_tokens: int = 4,
-                    desc: str = "", progress: bool = True) -> dict:
+def evaluate_config(
+    model,
+    processor,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int = 1,
+    max_new_tokens: int = 4,
+    desc: str = "",
+    progress: bool = True,
+) -> dict:
     """Run every sample through ``generate()`` as the model is now (compressed or not)."""
     correct, per_family, tokens, ttft, kv = [], defaultdict(list), [], [], []
     for batch in tqdm(list(_batches(samples, batch_size)), desc=desc, disable=not progress, leave=False):
@@ -94,16 +102,25 @@ def _row_key(row: dict) -> tuple:
     return (row["method"], row["keep"])
 
 
-def run_compare(model_name: str, methods: Sequence[str], keeps: Sequence[int | float], *, n: int = 100,
-                seed: int = 0, batch_size: int = 1, json_out: str | Path | None = None, progress: bool = True,
-                max_new_tokens: int = 4) -> list[dict]:
+def run_compare(
+    model_name: str,
+    methods: Sequence[str],
+    keeps: Sequence[int | float],
+    *,
+    n: int = 100,
+    seed: int = 0,
+    batch_size: int = 1,
+    json_out: str | Path | None = None,
+    progress: bool = True,
+    max_new_tokens: int = 4,
+) -> list[dict]:
     """The baseline plus every ``method`` at every ``keep``; returns the rows (and writes them to JSON).
 
     ``methods`` may include ``"none"`` (the baseline); it is always run first whether listed or not.
     """
-    for m in methods:
-        if m != "none":
-            registry.get(m)  # unknown names fail before any model is loaded
+    for m in methods:  # unknown names and bad budgets fail before any model is loaded
+        for k in keeps if m != "none" else ():
+            registry.create(m, keep=k)
     torch.manual_seed(seed)
     model, processor = zoo.load(model_name)
     samples = eval_samples(model_name, n, seed)
@@ -125,13 +142,28 @@ def run_compare(model_name: str, methods: Sequence[str], keeps: Sequence[int | f
             mmc.restore(model)
         else:
             mmc.compress(model, method, keep=keep)
-        res = evaluate_config(model, processor, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              desc=f"{method} {keep if keep is not None else ''}".strip(), progress=progress)
+        res = evaluate_config(
+            model,
+            processor,
+            samples,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            desc=f"{method} {keep if keep is not None else ''}".strip(),
+            progress=progress,
+        )
         mmc.restore(model)
         base = rows[0]["accuracy"] if rows else res["accuracy"]
-        row = {"method": method, "keep": keep, "visual_tokens": res["visual_tokens"], "accuracy": res["accuracy"],
-               "retained": res["accuracy"] / base if base else float("nan"), "ttft_ms": res["ttft_ms"],
-               "kv_bytes": res["kv_bytes"], "per_family": res["per_family"], **settings}
+        row = {
+            "method": method,
+            "keep": keep,
+            "visual_tokens": res["visual_tokens"],
+            "accuracy": res["accuracy"],
+            "retained": res["accuracy"] / base if base else float("nan"),
+            "ttft_ms": res["ttft_ms"],
+            "kv_bytes": res["kv_bytes"],
+            "per_family": res["per_family"],
+            **settings,
+        }
         rows.append(row)
         if json_out is not None:
             _write_atomic(Path(json_out), rows)
@@ -141,16 +173,24 @@ def run_compare(model_name: str, methods: Sequence[str], keeps: Sequence[int | f
 
 
 def machine() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    head = f"{'method':<10} {'keep':>6} {'vis.tok':>8} {'acc':>7} {'retained':>9} {'TTFT ms':>9} {'KV bytes':>11}"
+    cols = ("method", "keep", "vis.tok", "acc", "retained", "TTFT ms", "KV bytes")
+    widths = (-10, 6, 8, 7, 9, 9, 11)
+    head = " ".join(f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, w in zip(cols, widths))
     lines = [head, "-" * len(head)]
     for r in rows:
         keep = "-" if r["keep"] is None else f"{r['keep']:g}"
-        lines.append(f"{r['method']:<10} {keep:>6} {r['visual_tokens']:>8.1f} {r['accuracy']:>7.3f} "
-                     f"{r['retained']:>9.3f} {r['ttft_ms']:>9.1f} {r['kv_bytes']:>11.0f}")
+        lines.append(
+            f"{r['method']:<10} {keep:>6} {r['visual_tokens']:>8.1f} {r['accuracy']:>7.3f} "
+            f"{r['retained']:>9.3f} {r['ttft_ms']:>9.1f} {r['kv_bytes']:>11.0f}"
+        )
     return "\n".join(lines)

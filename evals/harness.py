@@ -46,15 +46,26 @@ def timed_generate(model, inputs: dict, max_new_tokens: int = 4, **gen_kwargs) -
     clock = _FirstTokenClock()
     procs = LogitsProcessorList([clock, *gen_kwargs.pop("logits_processor", [])])
     t0 = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs,
-                         return_dict_in_generate=True, **gen_kwargs)
+    out = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        logits_processor=procs,
+        return_dict_in_generate=True,
+        **gen_kwargs,
+    )
     t1 = time.perf_counter()
     prompt_len = inputs["input_ids"].shape[1]
     # generate returns sequences relative to the prompt it saw; with transparent pruning that is the
     # original prompt (input_ids are shortened inside forward, generate's own copy is not).
     new = out.sequences[:, prompt_len:]
-    return Generation(sequences=out.sequences, new_tokens=new, ttft_ms=((clock.first or t1) - t0) * 1e3,
-                      total_ms=(t1 - t0) * 1e3, kv_bytes=cache_bytes(out.past_key_values))
+    return Generation(
+        sequences=out.sequences,
+        new_tokens=new,
+        ttft_ms=((clock.first or t1) - t0) * 1e3,
+        total_ms=(t1 - t0) * 1e3,
+        kv_bytes=cache_bytes(out.past_key_values),
+    )
 
 
 def parse_keep(text: str) -> int | float:
@@ -67,5 +78,6 @@ def parse_keep(text: str) -> int | float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"keep={text!r} is not a number; allowed: an int >= 1 (tokens per image) or a "
-                         f"fraction in (0, 1]") from None
+        raise ValueError(
+            f"keep={text!r} is not a number; allowed: an int >= 1 (tokens per image) or a fraction in (0, 1]"
+        ) from None

@@ -51,8 +51,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from mmcompress.evals.compare import format_table, run_compare
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    rows = run_compare(args.model, methods, _keeps(args.keep), n=args.n, seed=args.seed,
-                       batch_size=args.batch_size, json_out=args.json, max_new_tokens=args.max_new_tokens)
+    rows = run_compare(
+        args.model,
+        methods,
+        _keeps(args.keep),
+        n=args.n,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        json_out=args.json,
+        max_new_tokens=args.max_new_tokens,
+    )
     print(format_table(rows))
     if args.json:
         print(f"wrote {args.json}")
@@ -87,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep", default="0.5,0.25,0.11")
     c.add_argument("--n", type=int, default=100)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch-size", type=int, default=1, help="prompts per generate(); TTFT and KV are per batch / B")
+    c.add_argument(
+        "--batch-size", type=int, default=1, help="prompts per generate(); TTFT and KV are per batch / B"
+    )
     c.add_argument("--max-new-tokens", type=int, default=4)
     c.add_argument("--json", default=None, help="write the rows here (atomically; resumes from it)")
     c.set_defaults(func=_cmd_compare)

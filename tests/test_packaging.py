@@ -11,8 +11,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_top_level_is_only_mmcompress(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+    )
     (wheel,) = tmp_path.glob("mmcompress-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
@@ -26,7 +39,9 @@ def test_wheel_top_level_is_only_mmcompress(tmp_path):
 
 
 def test_import_works_without_triton():
-    code = ("import sys; sys.modules['triton'] = None; import mmcompress, mmcompress.kernels.maxmin; "
-            "from mmcompress.kernels._dispatch import resolve_backend; import torch; "
-            "assert resolve_backend('auto', torch.device('cpu')) == 'torch'")
+    code = (
+        "import sys; sys.modules['triton'] = None; import mmcompress, mmcompress.kernels.maxmin; "
+        "from mmcompress.kernels._dispatch import resolve_backend; import torch; "
+        "assert resolve_backend('auto', torch.device('cpu')) == 'torch'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,120 @@
+"""The plugin on the embedded real VLMs (DINOv2 tower + trained LM), end to end through generate()."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mmcompress as mmc
+from mmcompress import zoo
+from mmcompress.evals.compare import eval_samples, run_compare
+from mmcompress.evals.shapesvqa import score
+
+MAX_NEW = 4
+
+
+@pytest.fixture(scope="module", params=["shapes-llava", "shapes-llava-next"])
+def embedded(request):
+    model, processor = zoo.load(request.param)
+    processor.tokenizer.padding_side = "left"
+    samples = eval_samples(request.param, 4, seed=123)
+    batch = processor(
+        images=[s.image for s in samples[:2]],
+        text=[zoo.build_prompt(s.question) for s in samples[:2]],
+        padding=True,
+        return_tensors="pt",
+    )
+    yield request.param, model, processor, samples, batch
+    mmc.restore(model)
+
+
+def _gen(model, batch, **kw):
+    out = model.generate(
+        **batch,
+        max_new_tokens=MAX_NEW,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
+    return out.sequences, torch.stack(out.logits)
+
+
+def test_keep_all_restore_disabled_exact(embedded):
+    _, model, _, _, batch = embedded
+    assert bool((batch["attention_mask"] == 0).any())  # the two prompts differ in length: left padding
+    ref_seq, ref_logits = _gen(model, batch)
+    ref_beam = model.generate(**batch, max_new_tokens=MAX_NEW, num_beams=2, do_sample=False)
+    mmc.compress(model, "divprune", keep=1.0)
+    seq, logits = _gen(model, batch)
+    assert torch.equal(seq, ref_seq) and torch.equal(logits, ref_logits)
+    assert torch.equal(
+        model.generate(**batch, max_new_tokens=MAX_NEW, num_beams=2, do_sample=False), ref_beam
+    )
+    mmc.compress(model, "pool", keep=0.25)
+    with mmc.disabled(model):
+        seq, logits = _gen(model, batch)
+    assert torch.equal(seq, ref_seq) and torch.equal(logits, ref_logits)
+    mmc.restore(model)
+    seq, logits = _gen(model, batch)
+    assert torch.equal(seq, ref_seq) and torch.equal(logits, ref_logits)
+
+
+@pytest.mark.parametrize("method", ["random", "pool", "divprune"])
+def test_pruned_cache_equals_recompute(embedded, method):
+    _, model, _, _, batch = embedded
+    mmc.compress(model, method, keep=0.25)
+    seq, logits = _gen(model, batch)
+    rep = mmc.report(model)
+    assert all(o < i for i, o in zip(rep.tokens_in, rep.tokens_out))
+    seq2, logits2 = _gen(model, batch, use_cache=False)
+    assert torch.equal(seq, seq2)
+    assert (logits - logits2).abs().max() < 1e-4  # fp32, 4-layer LM over ~600 tokens (seen: ~1e-6)
+    mmc.restore(model)
+
+
+def test_quality_floor_and_output_changes(embedded):
+    """Lossy methods: a floor on answers at keep=0.5 and proof that compression changed the computation."""
+    name, model, processor, samples, _ = embedded
+    samples = eval_samples(name, 14, seed=7)  # two of each question family
+    inputs = processor(
+        images=[s.image for s in samples],
+        text=[zoo.build_prompt(s.question) for s in samples],
+        padding=True,
+        return_tensors="pt",
+    )
+    base = model.generate(
+        **inputs, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    n = inputs["input_ids"].shape[1]
+    texts = processor.tokenizer.batch_decode(base.sequences[:, n:], skip_special_tokens=True)
+    base_acc = sum(score(zoo.answer_from_text(t), s.answer) for t, s in zip(texts, samples)) / len(samples)
+    assert base_acc >= 0.6  # the trained model is far above chance (chance ~ 0.3 over the families)
+    mmc.compress(model, "divprune", keep=0.5)
+    out = model.generate(
+        **inputs, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    texts = processor.tokenizer.batch_decode(out.sequences[:, n:], skip_special_tokens=True)
+    acc = sum(score(zoo.answer_from_text(t), s.answer) for t, s in zip(texts, samples)) / len(samples)
+    assert not torch.equal(out.logits[0], base.logits[0])  # really pruned
+    assert acc >= base_acc - 0.3
+    mmc.restore(model)
+
+
+def test_compare_writes_rows_and_resumes(tmp_path, monkeypatch):
+    out = tmp_path / "rows.json"
+    rows = run_compare("shapes-llava", ["none", "random"], [0.25], n=3, seed=1, json_out=out, progress=False)
+    saved = json.loads(out.read_text())
+    assert [r["method"] for r in saved] == ["none", "random"]
+    for r in saved:
+        assert {"method", "keep", "visual_tokens", "accuracy", "retained", "ttft_ms", "kv_bytes"} <= set(r)
+    assert saved[0]["keep"] is None and saved[0]["retained"] == 1.0 and saved[0]["visual_tokens"] == 576
+    assert saved[1]["visual_tokens"] == 144 and saved[1]["kv_bytes"] < saved[0]["kv_bytes"]
+    # resume: nothing is recomputed when every row is already there
+    import mmcompress.evals.compare as cmp
+
+    monkeypatch.setattr(cmp, "evaluate_config", lambda *a, **k: pytest.fail("recomputed a finished row"))
+    again = run_compare("shapes-llava", ["none", "random"], [0.25], n=3, seed=1, json_out=out, progress=False)
+    assert again == rows
