@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as e:  # bad input: one clear line, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a hub id while offline, an unreadable checkpoint folder
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
