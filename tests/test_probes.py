@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mmcompress.adapters.probes import AttentionProbe, vision_attention_modules
 from tiny_models import tiny_llava
 
+from mmcompress.adapters.probes import AttentionProbe, vision_attention_modules
 from mmcompress.signals import VitAttention
 
 TOL = 1e-6  # fp32: the probe recomputes the same q/k products in a different order (seen: <= 3e-8)

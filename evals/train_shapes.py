@@ -1,0 +1,556 @@
+"""Train an embedded ShapesVQA model (language model + projector; the DINOv2 tower stays frozen).
+
+    python -m mmcompress.evals.train_shapes --model shapes-llava
+    python -m mmcompress.evals.train_shapes --model shapes-llava-next --init-from shapes-llava
+
+Steps: (1) build the untrained transformers model around the frozen tower; (2) run the tower once per
+training image and keep its features (``vision_feature_layer=[4, -1]``, CLS dropped, fp16 in RAM); (3)
+train on sequences holding one image and several QA pairs about it (the first QA in exactly the
+inference format), loss on the answer words and ``</s>`` only; (4) ship the trained weights to
+``mmcompress/zoo/weights/<name>/``; (5) assemble the full checkpoint like a user would and evaluate it
+per question family through ``generate()`` (greedy) on the test split; (6) write
+``evals/results/train_<name>.json``. Fixed seeds; sized to finish in under an hour on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+if __package__ in (None, ""):  # run as a file: make the repo importable (evals/ installs as mmcompress.evals)
+    _ROOT = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(_ROOT))
+    from evals.shapesvqa import FAMILIES, ShapesVQA, score  # type: ignore[no-redef]
+else:
+    from .shapesvqa import FAMILIES, ShapesVQA, score
+
+from mmcompress.zoo import build as zoo_build
+from mmcompress.zoo.dinov2 import dinov2_tower
+from mmcompress.zoo.paths import shipped_weights_dir
+from mmcompress.zoo.specs import SPECS, make_config, make_processor
+from mmcompress.zoo.text import answer_from_text, build_prompt, build_tokenizer
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# LLaVA-NeXT trains and is evaluated on both landscape and portrait images (different AnyRes grids).
+NEXT_IMAGE_SIZES = ((448, 224), (224, 448))
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _image_size_for(name: str, index: int):
+    spec = SPECS[name]
+    if spec.arch == "llava":
+        return spec.image_size
+    return NEXT_IMAGE_SIZES[index % len(NEXT_IMAGE_SIZES)]
+
+
+def _datasets(name: str, split: str, n: int, seed: int) -> list[tuple[ShapesVQA, int]]:
+    """(dataset, index) pairs; NeXT alternates landscape / portrait datasets that share the index stream."""
+    if SPECS[name].arch == "llava":
+        ds = ShapesVQA(split, n=n, seed=seed, image_size=SPECS[name].image_size)
+        return [(ds, i) for i in range(n)]
+    sets = [ShapesVQA(split, n=n, seed=seed, image_size=s) for s in NEXT_IMAGE_SIZES]
+    return [(sets[i % len(sets)], i) for i in range(n)]
+
+
+@torch.no_grad()
+def tower_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Frozen-tower features exactly as LLaVA selects them.
+
+    pixel_values: (V, 3, S, S) views -> (V, P, 768): hidden_states[4] ⊕ hidden_states[-1], CLS dropped.
+    """
+    cfg = model.config
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    feats = torch.cat([out.hidden_states[i] for i in cfg.vision_feature_layer], dim=-1)
+    return feats[:, 1:]
+
+
+def qa_pool(ds: ShapesVQA, index: int, n_qas: int) -> list[tuple[str, str, str]]:
+    """The item's own QA first, then ``n_qas - 1`` family-balanced extra QAs about the same scene."""
+    sample, extra = ds.with_extra_questions(index, n_qas - 1)
+    return [(sample.question, sample.answer, sample.family), *extra]
+
+
+def precompute(model, processor, name: str, n_images: int, n_qas: int, seed: int, cache: Path | None):
+    """Tower features and QA pools of the training images (cached on disk if ``cache`` is given).
+
+    Returns feats (N, V, P, 768) fp16, image_sizes (N, 2) as (height, width), and per image a list of
+    (question, answer, family).
+    """
+    key = f"{name}-n{n_images}-q{n_qas}-s{seed}.pt"
+    if cache is not None and (cache / key).exists():
+        print(f"loading cached features {cache / key}", flush=True)
+        data = torch.load(cache / key)
+        # the QA pools are cheap and not cached, so a generator change never needs the tower again
+        pairs = _datasets(name, "train", n_images, seed)
+        data["qas"] = [qa_pool(ds, i, n_qas) for ds, i in tqdm(pairs, desc="QA pools", mininterval=10)]
+        return data
+    pairs = _datasets(name, "train", n_images, seed)
+    feats, sizes, qas = None, [], []
+    chunk = 8  # the tower is ~2x faster per image in batches of 8 than one by one
+    for start in tqdm(range(0, n_images, chunk), desc="tower features", mininterval=10):
+        samples = []
+        for ds, i in pairs[start : start + chunk]:
+            sample, extra = ds.with_extra_questions(i, n_qas - 1)
+            qas.append([(sample.question, sample.answer, sample.family), *extra])
+            sizes.append(sample.image.size[::-1])
+            samples.append(sample)
+        # one image size per call, so every item has the same number of views
+        by_size: dict[tuple, list[int]] = {}
+        for k, s in enumerate(samples):
+            by_size.setdefault(s.image.size, []).append(k)
+        for ks in by_size.values():
+            pv = processor.image_processor([samples[k].image for k in ks], return_tensors="pt")[
+                "pixel_values"
+            ]
+            n_views = pv.shape[1] if pv.dim() == 5 else 1
+            pv = pv.flatten(0, 1) if pv.dim() == 5 else pv  # NeXT: (b, V, 3, S, S) -> (b*V, 3, S, S)
+            f = tower_features(model, pv).to(torch.float16)
+            f = f.reshape(len(ks), n_views, *f.shape[1:])
+            if feats is None:
+                feats = torch.empty((n_images, *f.shape[1:]), dtype=torch.float16)
+            if f.shape[1:] != feats.shape[1:]:
+                raise RuntimeError(
+                    f"feature shape {tuple(f.shape[1:])} differs from {tuple(feats.shape[1:])}; "
+                    "training needs one AnyRes grid size (views) per image size"
+                )
+            for k, fk in zip(ks, f):
+                feats[start + k] = fk
+    data = {"feats": feats, "image_sizes": torch.tensor(sizes)}
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(data, cache / key)
+    data["qas"] = qas
+    return data
+
+
+class SequenceBuilder:
+    """Token ids and loss targets for one training sequence.
+
+    Layout: ``<s> <image>*T question: q1 answer: a1 </s> question: q2 answer: a2 </s> ...``; the prefix up
+    to the first "answer:" is token-for-token what the processor makes of ``build_prompt(q1)``.
+    """
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self.cache:
+            self.cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+        return self.cache[text]
+
+    def build(self, n_image_tokens: int, qas: list[tuple[str, str, str]]) -> tuple[list[int], ...]:
+        """ids (L,), targets (L,), segments (L,) and positions (L,) of one packed sequence.
+
+        target = next token at answer positions, -100 elsewhere. Segment 0 is ``<s>`` + image, segment k the
+        k-th QA. Every QA gets the positions it would have as the only QA, and (through the mask built in
+        :func:`train_step_loss`) sees only the image and itself: each QA is an exact inference-format
+        sample, and no answer can be copied from an earlier QA about the same scene.
+        """
+        tok = self.tok
+        ids = [tok.bos_token_id] + [tok.image_token_id] * n_image_tokens
+        targets = [-100] * len(ids)
+        segments = [0] * len(ids)
+        positions = list(range(len(ids)))
+        for k, (q, a, _fam) in enumerate(qas, start=1):
+            prompt = self.ids(f"question: {q} answer:")
+            ans = self.ids(a) + [tok.eos_token_id]
+            seg_ids = prompt + ans
+            seg_tgt = [-100] * (len(prompt) - 1) + ans + [-100]  # "answer:" predicts the word, the word </s>
+            ids += seg_ids
+            targets += seg_tgt
+            segments += [k] * len(seg_ids)
+            positions += list(range(1 + n_image_tokens, 1 + n_image_tokens + len(seg_ids)))
+        return ids, targets, segments, positions
+
+
+def visual_embeds(model, name: str, feats: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+    """Projected visual tokens of a batch, in the order the model places them.
+
+    feats (B, V, P, 768) -> (B, T, H); for NeXT via the model's own ``pack_image_features`` (base view +
+    unpadded crop grid + ``image_newline`` per row), so training sees exactly the inference layout.
+    """
+    B, V, P, D = feats.shape
+    proj = model.model.multi_modal_projector(feats.reshape(B * V, P, D).float())  # (B*V, P, H)
+    if SPECS[name].arch == "llava":
+        return proj.reshape(B, V * P, -1)
+    per_image = list(proj.reshape(B, V, P, -1))
+    packed, _lens = model.model.pack_image_features(
+        per_image,
+        image_sizes,
+        vision_feature_select_strategy="default",
+        image_newline=model.model.image_newline,
+    )
+    return torch.stack(packed.split(_lens.tolist()) if not isinstance(packed, list) else packed)
+
+
+def feature_stats(feats: torch.Tensor, max_images: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (768,) of cached features.
+
+    DINOv2 layer 4 has std ~0.05 and layer 12 ~2.3: without standardising, the colour half of the input
+    is ~50x too small for the projector, and under Adam its weights learn ~50x too slowly.
+    """
+    x = feats[:max_images].reshape(-1, feats.shape[-1]).float()
+    return x.mean(0), x.std(0).clamp_min(1e-3)
+
+
+@torch.no_grad()
+def fold_standardisation(linear: torch.nn.Linear, mu: torch.Tensor, sd: torch.Tensor) -> None:
+    """Make ``linear`` act on raw features: W' = W / sd, b' = b - W' mu (exact; what the checkpoint ships)."""
+    linear.weight.div_(sd)
+    linear.bias.sub_(linear.weight @ mu)
+
+
+@torch.no_grad()
+def unfold_standardisation(linear: torch.nn.Linear, mu: torch.Tensor, sd: torch.Tensor) -> None:
+    """Inverse of :func:`fold_standardisation` (to fine-tune a shipped projector on standardised features)."""
+    linear.bias.add_(linear.weight @ mu)
+    linear.weight.mul_(sd)
+
+
+def train_step_loss(model, name, batch_feats, batch_sizes, seqs, image_token_id, pad_id, eos_id):
+    """Cross-entropy on answer positions.
+
+    Returns (loss, n_correct, n_targets, n_correct_words, n_words); "words" leaves out the ``</s>`` targets.
+    """
+    vis = visual_embeds(model, name, batch_feats, batch_sizes)  # (B, T, H)
+    B, L = len(seqs), max(len(s[0]) for s in seqs)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    tgt = torch.full((B, L), -100, dtype=torch.long)
+    seg = torch.full((B, L), -1, dtype=torch.long)  # -1: right padding
+    pos = torch.zeros((B, L), dtype=torch.long)
+    for b, (s_ids, s_tgt, s_seg, s_pos) in enumerate(seqs):
+        n = len(s_ids)
+        ids[b, :n], tgt[b, :n] = torch.tensor(s_ids), torch.tensor(s_tgt)
+        seg[b, :n], pos[b, :n] = torch.tensor(s_seg), torch.tensor(s_pos)
+    # (B, 1, L, L) boolean mask, True = may attend: causal, and a QA sees the image segment and itself only.
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    same = seg[:, :, None] == seg[:, None, :]
+    to_image = (seg[:, None, :] == 0) & (seg[:, :, None] >= 0)
+    mask = ((same | to_image) & causal) | torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves
+    emb = model.model.language_model.get_input_embeddings()(ids)
+    img_mask = (ids == image_token_id).unsqueeze(-1).expand_as(emb)
+    emb = emb.masked_scatter(img_mask, vis.to(emb.dtype))
+    hidden = model.model.language_model(
+        inputs_embeds=emb, attention_mask=mask[:, None], position_ids=pos
+    ).last_hidden_state
+    sel = tgt != -100
+    logits = model.lm_head(hidden[sel])  # only where there is a target: (K, vocab)
+    y = tgt[sel]
+    loss = F.cross_entropy(logits, y)
+    hit = logits.argmax(-1) == y
+    words = y != eos_id
+    return loss, int(hit.sum()), int(y.numel()), int(hit[words].sum()), int(words.sum())
+
+
+@torch.no_grad()
+def evaluate(model, processor, name: str, n: int, seed: int, batch_size: int = 8) -> dict:
+    """Greedy ``generate()`` on ``n`` test samples; accuracy overall and per family."""
+    model.eval()
+    tok = processor.tokenizer
+    pairs = _datasets(name, "test", n, seed)
+    hits: dict[str, list[float]] = {f: [] for f in FAMILIES}
+    examples = []
+    # Group by image size so each batch has one AnyRes grid (NeXT) and the batch stays rectangular.
+    groups: dict[tuple, list] = {}
+    for ds, i in pairs:
+        groups.setdefault((ds.width, ds.height), []).append((ds, i))
+    todo = [g[k : k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+    for chunk in tqdm(todo, desc=f"eval {name}", mininterval=10):
+        samples = [ds[i] for ds, i in chunk]
+        inputs = processor(
+            images=[s.image for s in samples],
+            text=[build_prompt(s.question) for s in samples],
+            return_tensors="pt",
+            padding=True,
+        )
+        out = model.generate(
+            **inputs,
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        texts = tok.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=False)
+        for s, t in zip(samples, texts):
+            pred = answer_from_text(t)
+            hits[s.family].append(score(pred, s.answer))
+            if len(examples) < 20:
+                examples.append({"q": s.question, "a": s.answer, "pred": pred, "family": s.family})
+    per_family = {f: round(float(np.mean(v)), 4) for f, v in hits.items() if v}
+    overall = float(np.mean([x for v in hits.values() for x in v]))
+    return {
+        "overall": round(overall, 4),
+        "per_family": per_family,
+        "n_per_family": {f: len(v) for f, v in hits.items()},
+        "examples": examples,
+    }
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, choices=sorted(SPECS))
+    p.add_argument("--images", type=int, default=3000, help="training images (tower run once each)")
+    p.add_argument("--qas", type=int, default=24, help="QA pool size per training image")
+    p.add_argument(
+        "--qas-per-seq", type=int, default=12, help="QA pairs packed after the image in one sequence"
+    )
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=8, help="sequences (images) per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-n", type=int, default=500)
+    p.add_argument(
+        "--time-budget-min",
+        type=float,
+        default=0.0,
+        help="stop training early (cosine schedule kept) once this many minutes have passed; 0 = off",
+    )
+    p.add_argument(
+        "--init-from", default=None, help="start LM + projector from this embedded model's shipped weights"
+    )
+    p.add_argument(
+        "--feature-cache", type=Path, default=None, help="folder to keep tower features between runs"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="weights folder (default: the package's zoo/weights/<name>)"
+    )
+    p.add_argument(
+        "--results", type=Path, default=None, help="JSON path (default: evals/results/train_<name>.json)"
+    )
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    for field in ("images", "qas", "qas_per_seq", "steps", "batch", "eval_n"):
+        if getattr(args, field) < 1:
+            raise ValueError(f"--{field.replace('_', '-')}={getattr(args, field)} is invalid; allowed: >= 1")
+
+    t_start = time.time()
+    torch.set_num_threads(args.threads)
+    _set_seed(args.seed)
+    name, spec = args.model, SPECS[args.model]
+    out_dir = args.out or shipped_weights_dir(name)
+    results_path = args.results or RESULTS_DIR / f"train_{name}.json"
+
+    tok = build_tokenizer()
+    processor = make_processor(name, tok)
+    tower = dinov2_tower(spec.image_size)
+    config = make_config(name, tower.config, tok)
+    model = zoo_build.model_class(name)(config)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.generation_config.update(
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        max_new_tokens=4,
+        do_sample=False,
+    )
+    if args.init_from:
+        from safetensors.torch import load_file
+
+        src = shipped_weights_dir(args.init_from) / zoo_build.SHIPPED_WEIGHTS_FILE
+        init = {k: v.float() for k, v in load_file(str(src)).items()}
+        own = model.state_dict()
+        usable = {k: v for k, v in init.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(usable, strict=False)
+        print(f"initialised {len(usable)}/{len(init)} tensors from {src}", flush=True)
+    model.model.vision_tower.requires_grad_(False)
+    model.model.vision_tower.eval()
+
+    t0 = time.time()
+    data = precompute(model, processor, name, args.images, args.qas, args.seed, args.feature_cache)
+    t_features = time.time() - t0
+    feats, image_sizes, qas = data["feats"], data["image_sizes"], data["qas"]
+    n_img_tokens = visual_embeds(model, name, feats[:1], image_sizes[:1]).shape[1]
+    # Train the projector on standardised features; fold the standardisation back in before saving.
+    mu, sd = feature_stats(feats)
+    proj_in = model.model.multi_modal_projector.linear_1
+    if args.init_from:
+        unfold_standardisation(proj_in, mu, sd)
+    print(
+        f"features {tuple(feats.shape)} in {t_features:.0f} s; {n_img_tokens} visual tokens per image",
+        flush=True,
+    )
+
+    # Check the sequence layout against the real processor once (the first QA must match inference).
+    builder = SequenceBuilder(tok)
+    q0 = qas[0][0]
+    ds0, i0 = _datasets(name, "train", 1, args.seed)[0]
+    ref = processor(images=ds0[i0].image, text=build_prompt(q0[0]), return_tensors="pt")["input_ids"][
+        0
+    ].tolist()
+    mine = builder.build(n_img_tokens, [q0])[0]
+    if mine[: len(ref)] != ref:
+        raise RuntimeError("training sequence layout differs from the processor's prompt")
+
+    trainable = [p_ for n_, p_ in model.named_parameters() if not n_.startswith("model.vision_tower.")]
+    decay = [p_ for p_ in trainable if p_.dim() >= 2]
+    no_decay = [p_ for p_ in trainable if p_.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+    n_params = sum(p_.numel() for p_ in trainable)
+    print(f"trainable parameters: {n_params / 1e6:.2f} M", flush=True)
+
+    rng = np.random.default_rng(args.seed + 1)
+    # NeXT: a batch must share one image size (one AnyRes grid), so batches are drawn per size group.
+    groups: dict[tuple, np.ndarray] = {}
+    for j, hw in enumerate(image_sizes.tolist()):
+        groups.setdefault(tuple(hw), []).append(j)
+    group_list = [np.array(v) for v in groups.values()]
+    model.train()
+    model.model.vision_tower.eval()
+    t_train0 = time.time()
+    log, ema_loss, ema_acc, ema_word, steps_done = [], None, None, None, 0
+    bar = tqdm(range(args.steps), desc=f"train {name}", mininterval=10)
+    for step in bar:
+        group = group_list[int(rng.integers(len(group_list)))]
+        idx = rng.choice(group, size=min(args.batch, len(group)), replace=False)
+        seqs = []
+        for j in idx:
+            pool = qas[int(j)]
+            order = rng.permutation(len(pool))[: args.qas_per_seq]
+            seqs.append(builder.build(n_img_tokens, [pool[k] for k in order]))
+        lr = _lr_at(step, args.steps, args.lr, args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch_feats = (feats[idx].float() - mu) / sd
+        loss, correct, total, w_correct, w_total = train_step_loss(
+            model,
+            name,
+            batch_feats,
+            image_sizes[idx],
+            seqs,
+            tok.image_token_id,
+            tok.pad_token_id,
+            tok.eos_token_id,
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        steps_done = step + 1
+        acc = correct / max(total, 1)
+        loss_v = loss.item()
+        ema_loss = loss_v if ema_loss is None else 0.95 * ema_loss + 0.05 * loss_v
+        ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
+        w_acc = w_correct / max(w_total, 1)
+        ema_word = w_acc if ema_word is None else 0.95 * ema_word + 0.05 * w_acc
+        bar.set_postfix(loss=f"{ema_loss:.3f}", word_acc=f"{ema_word:.3f}", lr=f"{lr:.1e}")
+        if step % 50 == 0 or step == args.steps - 1:
+            log.append(
+                {
+                    "step": step,
+                    "loss": round(ema_loss, 4),
+                    "answer_token_acc": round(ema_acc, 4),
+                    "answer_word_acc": round(ema_word, 4),
+                    "lr": lr,
+                    "elapsed_s": round(time.time() - t_train0, 1),
+                }
+            )
+            print(json.dumps(log[-1]), flush=True)
+        if args.time_budget_min and time.time() - t_start > 60 * args.time_budget_min:
+            print(f"time budget reached after {steps_done} steps", flush=True)
+            break
+    t_train = time.time() - t_train0
+    del feats, data
+
+    model.eval()
+    fold_standardisation(proj_in, mu, sd)
+    zoo_build.save_shipped_weights(model, processor, out_dir)
+    print(f"saved trained weights to {out_dir}", flush=True)
+
+    # Evaluate what users get: the shipped fp16 weights assembled into a full checkpoint and loaded back.
+    t0 = time.time()
+    if args.out is None:
+        ckpt = zoo_build.checkpoint_dir(name, rebuild=True)
+        eval_model = zoo_build.model_class(name).from_pretrained(ckpt, dtype=torch.float32).eval()
+        from transformers import AutoProcessor
+
+        eval_proc = AutoProcessor.from_pretrained(ckpt)
+    else:  # a scratch folder: evaluate the in-memory model rounded to the shipped fp16
+        eval_model, eval_proc = model.half().float(), processor
+    result = evaluate(eval_model, eval_proc, name, args.eval_n, args.seed)
+    t_eval = time.time() - t0
+
+    report = {
+        "model": name,
+        "test_accuracy": result["overall"],
+        "test_accuracy_per_family": result["per_family"],
+        "test_n_per_family": result["n_per_family"],
+        "eval": {
+            "split": "test",
+            "n": args.eval_n,
+            "seed": args.seed,
+            "path": "generate(), greedy, max_new_tokens=4",
+            "image_size": [list(s) for s in NEXT_IMAGE_SIZES]
+            if spec.arch == "llava_next"
+            else spec.image_size,
+        },
+        "visual_tokens_per_image": int(n_img_tokens),
+        "hyper_parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "steps_done": steps_done,
+        "trainable_parameters": n_params,
+        "language_model": {
+            "hidden": spec.hidden_size,
+            "layers": spec.num_layers,
+            "heads": spec.num_heads,
+            "intermediate": spec.intermediate_size,
+            "vocab": len(tok),
+        },
+        "wall_time_s": {
+            "features": round(t_features, 1),
+            "train": round(t_train, 1),
+            "eval": round(t_eval, 1),
+            "total": round(time.time() - t_start, 1),
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "threads": args.threads,
+            "python": platform.python_version(),
+        },
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "train_log": log,
+        "examples": result["examples"],
+    }
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        json.dumps(
+            {k: report[k] for k in ("model", "test_accuracy", "test_accuracy_per_family", "wall_time_s")},
+            indent=2,
+        ),
+        flush=True,
+    )
+    return report
+
+
+if __name__ == "__main__":
+    main()
