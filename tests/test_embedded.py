@@ -19,10 +19,13 @@ MAX_NEW = 4
 def embedded(request):
     model, processor = zoo.load(request.param)
     processor.tokenizer.padding_side = "left"
-    samples = eval_samples(request.param, 4, seed=123)
+    samples = eval_samples(request.param, 14, seed=123)
+    # two prompts of different lengths, so the batch is left-padded
+    lens = [len(processor.tokenizer(zoo.build_prompt(s.question))["input_ids"]) for s in samples]
+    pair = [samples[0], next(s for s, n in zip(samples, lens) if n != lens[0])]
     batch = processor(
-        images=[s.image for s in samples[:2]],
-        text=[zoo.build_prompt(s.question) for s in samples[:2]],
+        images=[s.image for s in pair],
+        text=[zoo.build_prompt(s.question) for s in pair],
         padding=True,
         return_tensors="pt",
     )
