@@ -303,6 +303,23 @@ def evaluate(model, processor, name: str, n: int, seed: int, batch_size: int = 8
     }
 
 
+def build_untrained(name: str):
+    """``(model, processor, tokenizer)``: the pretrained frozen tower around a fresh LM and projector."""
+    tok = build_tokenizer()
+    processor = make_processor(name, tok)
+    tower = dinov2_tower(SPECS[name].image_size)
+    model = zoo_build.model_class(name)(make_config(name, tower.config, tok))
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.generation_config.update(
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        max_new_tokens=4,
+        do_sample=False,
+    )
+    return model, processor, tok
+
+
 def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -356,19 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = args.out or shipped_weights_dir(name)
     results_path = args.results or RESULTS_DIR / f"train_{name}.json"
 
-    tok = build_tokenizer()
-    processor = make_processor(name, tok)
-    tower = dinov2_tower(spec.image_size)
-    config = make_config(name, tower.config, tok)
-    model = zoo_build.model_class(name)(config)
-    model.model.vision_tower.load_state_dict(tower.state_dict())
-    model.generation_config.update(
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-        max_new_tokens=4,
-        do_sample=False,
-    )
+    model, processor, tok = build_untrained(name)
     if args.init_from:
         from safetensors.torch import load_file
 

@@ -28,10 +28,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from mmcompress.zoo import build as zoo_build
-from mmcompress.zoo.dinov2 import dinov2_tower
 from mmcompress.zoo.paths import shipped_weights_dir
-from mmcompress.zoo.specs import SPECS, make_config, make_processor
-from mmcompress.zoo.text import build_tokenizer
+from mmcompress.zoo.specs import SPECS
 
 from . import train_shapes as base
 from .shapesvqa import COLOURS, SHAPES, ShapesVQA, _polygon
@@ -82,18 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(2)
     base._set_seed(0)
     spec = SPECS[NAME]
-    tok = build_tokenizer()
-    processor = make_processor(NAME, tok)
-    tower = dinov2_tower(spec.image_size)
-    model = zoo_build.model_class(NAME)(make_config(NAME, tower.config, tok))
-    model.model.vision_tower.load_state_dict(tower.state_dict())
-    model.generation_config.update(
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-        max_new_tokens=4,
-        do_sample=False,
-    )
+    model, processor, tok = base.build_untrained(NAME)
     model.model.vision_tower.requires_grad_(False)
     n_images, batch, qas_per_seq, warmup, lr_max = 1600, 4, 14, 50, 1e-3
     data = base.precompute(model, processor, NAME, n_images, 24, 0, args.feature_cache)
