@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 N ?= 300
 SEED ?= 0
+# a fresh run writes here (resumes if interrupted); the committed numbers live in evals/results/
+OUT ?= runs/compare_shapes-llava_n$(N)_seed$(SEED).json
 
 .PHONY: setup zoo compare test lint format clean
 
@@ -25,7 +27,7 @@ zoo: setup
 
 compare: zoo
 	$(BIN)/mmcompress compare --model shapes-llava --methods none,random,pool,divprune \
-		--keep 0.5,0.25,0.11 --n $(N) --seed $(SEED) --json evals/results/compare_shapes-llava.json
+		--keep 0.5,0.25,0.11 --n $(N) --seed $(SEED) --json $(OUT)
 
 test: setup
 	$(BIN)/python -m pytest -q
