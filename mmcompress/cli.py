@@ -70,9 +70,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from mmcompress import zoo
 
-    names = zoo.EMBEDDED if args.name == "all" else (args.name,)
-    for name in names:
-        print(f"{name}: {zoo.checkpoint_dir(name)}")
+    if args.name != "all":
+        print(f"{args.name}: {zoo.checkpoint_dir(args.name)}")
+        return 0
+    for name in zoo.EMBEDDED:  # list every embedded model; one without shipped weights is reported, not fatal
+        try:
+            print(f"{name}: {zoo.checkpoint_dir(name)}")
+        except FileNotFoundError as e:
+            print(f"{name}: not available: {e}")
     return 0
 
 
