@@ -219,7 +219,7 @@ class HFLlavaAdapter(Adapter):
         self._selected = {id(f): (f, s) for f, s in zip(feats, selections)}
         return out.to_tuple() if want_tuple else out
 
-    def _selection_for(self, feat: torch.Tensor, i: int) -> Selection:
+    def _selection_for(self, feat: torch.Tensor) -> Selection:
         hit = self._selected.get(id(feat))
         if hit is not None and hit[0] is feat:
             return hit[1]
@@ -308,7 +308,7 @@ class HFLlavaAdapter(Adapter):
                 "(got inputs_embeds only)"
             )
         feats = list(enc.pooler_output)
-        sels = [self._selection_for(f, i) for i, f in enumerate(feats)]
+        sels = [self._selection_for(f) for f in feats]
         keep_tok = placeholder_keep_mask(
             input_ids, self.token_id, [f.shape[0] for f in feats], [s.indices for s in sels]
         )
@@ -357,13 +357,9 @@ class HFLlavaAdapter(Adapter):
         return self._record_kv(self._orig_forward(**new), pkv)
 
     def _outer_forward(self, *args, **kw):
-        labels = kw.pop("labels", None)
-        if labels is None or not self.handle.enabled:
-            return (
-                self._orig_outer(*args, labels=labels, **kw)
-                if labels is not None
-                else self._orig_outer(*args, **kw)
-            )
+        if kw.get("labels") is None or not self.handle.enabled:
+            return self._orig_outer(*args, **kw)
+        labels = kw.pop("labels")
         self._pending_labels, self._shrunk_labels = labels, None
         try:
             out = self._orig_outer(*args, **kw)

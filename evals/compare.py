@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
@@ -170,16 +169,6 @@ def run_compare(
     if json_out is not None:
         _write_atomic(Path(json_out), rows)
     return rows
-
-
-def machine() -> dict:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-    }
 
 
 def format_table(rows: Sequence[dict]) -> str:

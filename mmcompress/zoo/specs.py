@@ -110,6 +110,14 @@ def make_processor(name: str, tokenizer):
 
     spec = _spec(name)
     s = spec.image_size
+    # CLS is dropped from 14 px patches; the processor expands <image> to the model's visual-token count
+    text_side = dict(
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        image_token=tokenizer.image_token,
+        num_additional_image_tokens=1,
+    )
     if spec.arch == "llava":
         # LLaVA-1.5 pads non-square images to a square instead of cropping them, so no object is cut off.
         improc = LlavaImageProcessorPil(
@@ -119,14 +127,7 @@ def make_processor(name: str, tokenizer):
             image_mean=IMAGENET_MEAN,
             image_std=IMAGENET_STD,
         )
-        return LlavaProcessor(
-            image_processor=improc,
-            tokenizer=tokenizer,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            image_token=tokenizer.image_token,
-            num_additional_image_tokens=1,
-        )
+        return LlavaProcessor(image_processor=improc, **text_side)
     improc = LlavaNextImageProcessorPil(
         size={"shortest_edge": s},
         crop_size={"height": s, "width": s},
@@ -134,11 +135,4 @@ def make_processor(name: str, tokenizer):
         image_mean=IMAGENET_MEAN,
         image_std=IMAGENET_STD,
     )
-    return LlavaNextProcessor(
-        image_processor=improc,
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        image_token=tokenizer.image_token,
-        num_additional_image_tokens=1,
-    )
+    return LlavaNextProcessor(image_processor=improc, **text_side)
