@@ -29,7 +29,7 @@ from mmcompress.tokens import GridView, Layout, Selection
 
 from ._sequence import placeholder_keep_mask, shrink_batch
 from .base import Adapter, register_adapter
-from .probes import AttentionProbe, vision_attention_modules
+from .probes import AttentionProbe, prefix_tokens, vision_attention_modules
 
 __all__ = ["HFLlavaAdapter"]
 
@@ -100,8 +100,8 @@ class HFLlavaAdapter(Adapter):
         method = self.handle.method
         if self.layout_kind() not in method.layouts:
             raise ValueError(
-                f"method {method.name!r} needs a {' or '.join(method.layouts)} layout "
-                f"{type(self.model).__name__} packs a {self.layout_kind()} view"
+                f"method {method.name!r} needs a layout of kind {' or '.join(method.layouts)}; "
+                f"{type(self.model).__name__} packs a {self.layout_kind()} layout"
             )
         keep = getattr(method, "keep", None)
         n = getattr(self.config, "image_seq_length", None)
@@ -121,7 +121,9 @@ class HFLlavaAdapter(Adapter):
     # -- install / uninstall -----------------------------------------------------------------------
     def install(self) -> None:
         mods = vision_attention_modules(self.base.vision_tower) if self.handle.method.needs() else []
-        self.probes = [AttentionProbe(mods[s.layer], s) for s in sorted(self.handle.method.needs(), key=str)]
+        needs = sorted(self.handle.method.needs(), key=str)
+        prefix = prefix_tokens(self.base.vision_tower) if any("logits" in s.kind for s in needs) else 1
+        self.probes = [AttentionProbe(mods[s.layer], s, prefix) for s in needs]
         self._orig_gif = self.base.get_image_features
         self._gif_sig = inspect.signature(self._orig_gif)
         self._orig_forward = self.base.forward

@@ -3,9 +3,13 @@
 A forward pre-hook on one attention module receives the layer-normed hidden states ``[V, T, C]`` and
 recomputes only what a method asked for from ``q_proj`` / ``k_proj``:
 
-* ``cls``: the CLS query row, ``O(T·C)`` extra work → ``[V, H, T]``;
+* ``cls``: the CLS query row, ``O(T·C)`` extra work → ``[V, H, T]`` (``cls_logits``: the same before the
+  softmax);
 * ``received``: the mean attention each token receives over all queries → ``[V, H, T]``, computed in
-  query chunks so the ``T×T`` map never exists at once.
+  query chunks so the ``T×T`` map never exists at once;
+* ``received_logits`` / ``given_logits``: column / row means of the patch-to-patch pre-softmax logit
+  block → ``[V, H, T]``, as the dot product of each key (query) with the mean patch query (key), exact
+  and ``O(T·C)``. "Patch" excludes the tower's prefix tokens (CLS, registers; :func:`prefix_tokens`).
 
 Works for CLIP and SigLIP (``encoder.layers[j].self_attn``, ``num_heads``/``scale``) and DINOv2
 (``encoder.layer[j].attention``, ``num_attention_heads``/``scaling``) in transformers 5.x.
@@ -18,7 +22,7 @@ from torch import nn
 
 from mmcompress.signals import VitAttention
 
-__all__ = ["AttentionProbe", "vision_attention_modules"]
+__all__ = ["AttentionProbe", "prefix_tokens", "vision_attention_modules"]
 
 _Q_CHUNK = 256
 
@@ -41,6 +45,20 @@ def vision_attention_modules(tower: nn.Module) -> list[nn.Module]:
     return mods
 
 
+def prefix_tokens(tower: nn.Module) -> int:
+    """Tokens before the patches in the tower's sequence: CLS (CLIP, DINOv2) plus DINOv2 registers."""
+    cfg = getattr(tower, "config", None)
+    kind = getattr(cfg, "model_type", "")
+    if kind.startswith("siglip"):
+        return 0
+    if kind.startswith("clip") or kind.startswith("dinov2"):
+        return 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+    raise TypeError(
+        f"vision tower {type(tower).__name__} (model_type={kind!r}): unknown prefix tokens; "
+        f"supported towers: CLIP, SigLIP, DINOv2"
+    )
+
+
 def _heads(mod: nn.Module) -> tuple[int, int, float]:
     h = getattr(mod, "num_heads", None) or getattr(mod, "num_attention_heads", None)
     hd = getattr(mod, "head_dim", None)
@@ -53,8 +71,9 @@ def _heads(mod: nn.Module) -> tuple[int, int, float]:
 class AttentionProbe:
     """Records one signal per vision forward. ``value`` is ``[V, H, T]`` (float32) after each forward."""
 
-    def __init__(self, module: nn.Module, signal: VitAttention) -> None:
+    def __init__(self, module: nn.Module, signal: VitAttention, prefix: int = 1) -> None:
         self.signal = signal
+        self.prefix = prefix  # CLS / register tokens excluded from the patch means of the *_logits kinds
         self.value: torch.Tensor | None = None
         self.enabled = True
         self.heads, self.head_dim, self.scale = _heads(module)
@@ -71,11 +90,20 @@ class AttentionProbe:
         V, T, _ = hs.shape
         H, hd = self.heads, self.head_dim
         k = mod.k_proj(hs).view(V, T, H, hd).transpose(1, 2).float()  # [V, H, T, hd]
-        if self.signal.kind == "cls":
+        if self.signal.kind in ("cls", "cls_logits"):
             q = mod.q_proj(hs[:, :1]).view(V, 1, H, hd).transpose(1, 2).float()
-            self.value = torch.softmax((q @ k.transpose(-1, -2)) * self.scale, -1)[:, :, 0]
+            logits = (q @ k.transpose(-1, -2)) * self.scale
+            self.value = (logits if self.signal.kind == "cls_logits" else torch.softmax(logits, -1))[:, :, 0]
             return
         q = mod.q_proj(hs).view(V, T, H, hd).transpose(1, 2).float()
+        if self.signal.kind == "received_logits":
+            q_mean = q[:, :, self.prefix :].mean(dim=2, keepdim=True)  # [V, H, 1, hd]
+            self.value = (q_mean @ k.transpose(-1, -2))[:, :, 0] * self.scale
+            return
+        if self.signal.kind == "given_logits":
+            k_mean = k[:, :, self.prefix :].mean(dim=2, keepdim=True)
+            self.value = (q @ k_mean.transpose(-1, -2))[..., 0] * self.scale
+            return
         acc = torch.zeros(V, H, T, device=hs.device)
         for s in range(0, T, _Q_CHUNK):
             a = torch.softmax((q[:, :, s : s + _Q_CHUNK] @ k.transpose(-1, -2)) * self.scale, -1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
@@ -89,6 +90,30 @@ def evaluate_config(
     }
 
 
+def machine_info(model) -> dict:
+    """Where a row was measured (DESIGN §7: timings are meaningless without the device)."""
+    param = next(model.parameters())
+    dev = param.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    return {
+        "device": f"{dev.type}: {name}",
+        "threads": torch.get_num_threads(),
+        "dtype": str(param.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _write_atomic(path: Path, payload) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -119,10 +144,11 @@ def run_compare(
     """
     for m in methods:  # unknown names and bad budgets fail before any model is loaded
         for k in keeps if m != "none" else ():
-            registry.create(m, keep=k)
+            registry.create_with_budget(m, k)
     torch.manual_seed(seed)
     model, processor = zoo.load(model_name)
     samples = eval_samples(model_name, n, seed)
+    machine = machine_info(model)
     settings = {"model": str(model_name), "n": n, "seed": seed, "batch_size": batch_size}
     done: dict[tuple, dict] = {}
     if json_out is not None and Path(json_out).exists():
@@ -140,7 +166,7 @@ def run_compare(
         if method == "none":
             mmc.restore(model)
         else:
-            mmc.compress(model, method, keep=keep)
+            mmc.compress(model, registry.create_with_budget(method, keep))
         res = evaluate_config(
             model,
             processor,
@@ -162,6 +188,7 @@ def run_compare(
             "kv_bytes": res["kv_bytes"],
             "per_family": res["per_family"],
             **settings,
+            "machine": machine,
         }
         rows.append(row)
         if json_out is not None:

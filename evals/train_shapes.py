@@ -19,6 +19,7 @@ import json
 import math
 import platform
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,10 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a file: make the repo importable (evals/ installs as mmcompress.evals)
     _ROOT = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(_ROOT))
+    from evals.shapes_patch_labels import LABEL_CLASSES, patch_labels  # type: ignore[no-redef]
     from evals.shapesvqa import FAMILIES, ShapesVQA, score  # type: ignore[no-redef]
 else:
+    from .shapes_patch_labels import LABEL_CLASSES, patch_labels
     from .shapesvqa import FAMILIES, ShapesVQA, score
 
 from mmcompress.zoo import build as zoo_build
@@ -92,22 +95,36 @@ def precompute(model, processor, name: str, n_images: int, n_qas: int, seed: int
     Returns feats (N, V, P, 768) fp16, image_sizes (N, 2) as (height, width), and per image a list of
     (question, answer, family).
     """
-    key = f"{name}-n{n_images}-q{n_qas}-s{seed}.pt"
+    key = f"{name}-n{n_images}-s{seed}.pt"  # features do not depend on the QA pools
+    pairs = _datasets(name, "train", n_images, seed)
+    # the QA pools are cheap and not cached, so a generator change never needs the tower again
+    qas = [qa_pool(ds, i, n_qas) for ds, i in tqdm(pairs, desc="QA pools", mininterval=10)]
     if cache is not None and (cache / key).exists():
         print(f"loading cached features {cache / key}", flush=True)
         data = torch.load(cache / key)
-        # the QA pools are cheap and not cached, so a generator change never needs the tower again
-        pairs = _datasets(name, "train", n_images, seed)
-        data["qas"] = [qa_pool(ds, i, n_qas) for ds, i in tqdm(pairs, desc="QA pools", mininterval=10)]
+        data["qas"] = qas
         return data
-    pairs = _datasets(name, "train", n_images, seed)
-    feats, sizes, qas = None, [], []
+    # Items are pure functions of their index, so a cache of fewer images is an exact prefix: reuse it.
+    feats, sizes, done = None, [], 0
+    if cache is not None:
+        smaller = []
+        for f in cache.glob(f"{name}-n*-s{seed}.pt"):
+            m = re.fullmatch(rf"{re.escape(name)}-n(\d+)-s{seed}\.pt", f.name)
+            if m and int(m.group(1)) < n_images:
+                smaller.append((int(m.group(1)), f))
+        if smaller:
+            done, f = max(smaller)
+            print(f"reusing {done} cached images from {f}", flush=True)
+            prev = torch.load(f)
+            feats = torch.empty((n_images, *prev["feats"].shape[1:]), dtype=torch.float16)
+            feats[:done] = prev["feats"]
+            sizes = [tuple(hw) for hw in prev["image_sizes"].tolist()]
+            del prev
     chunk = 8  # the tower is ~2x faster per image in batches of 8 than one by one
-    for start in tqdm(range(0, n_images, chunk), desc="tower features", mininterval=10):
+    for start in tqdm(range(done, n_images, chunk), desc="tower features", mininterval=10):
         samples = []
         for ds, i in pairs[start : start + chunk]:
-            sample, extra = ds.with_extra_questions(i, n_qas - 1)
-            qas.append([(sample.question, sample.answer, sample.family), *extra])
+            sample = ds[i]
             sizes.append(sample.image.size[::-1])
             samples.append(sample)
         # one image size per call, so every item has the same number of views
@@ -134,7 +151,9 @@ def precompute(model, processor, name: str, n_images: int, n_qas: int, seed: int
     data = {"feats": feats, "image_sizes": torch.tensor(sizes)}
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-        torch.save(data, cache / key)
+        tmp = cache / (key + ".tmp")
+        torch.save(data, tmp)
+        tmp.replace(cache / key)  # atomic: an interrupted run never leaves a truncated cache
     data["qas"] = qas
     return data
 
@@ -361,6 +380,20 @@ def main(argv: list[str] | None = None) -> dict:
         "--results", type=Path, default=None, help="JSON path (default: evals/results/train_<name>.json)"
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--aux-weight",
+        type=float,
+        default=None,
+        help="weight of the per-patch auxiliary heads (evals/shapes_patch_labels.py); "
+        "default 1.0 for single-view models, 0 for AnyRes (no per-view labels)",
+    )
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 autocast for the LM and projector (the tower features stay fp32); ~2x faster on CPUs "
+        "with AVX512-BF16 / AMX",
+    )
     args = p.parse_args(argv)
     for field in ("images", "qas", "qas_per_seq", "steps", "batch", "eval_n"):
         if getattr(args, field) < 1:
@@ -370,6 +403,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     _set_seed(args.seed)
     name, spec = args.model, SPECS[args.model]
+    if args.aux_weight is None:
+        args.aux_weight = 1.0 if spec.arch == "llava" else 0.0
+    if args.aux_weight < 0 or (args.aux_weight > 0 and spec.arch != "llava"):
+        raise ValueError(
+            f"--aux-weight={args.aux_weight} is invalid for {name}; allowed: >= 0, and 0 for AnyRes models"
+        )
     out_dir = args.out or shipped_weights_dir(name)
     results_path = args.results or RESULTS_DIR / f"train_{name}.json"
 
@@ -412,7 +451,22 @@ def main(argv: list[str] | None = None) -> dict:
     if mine[: len(ref)] != ref:
         raise RuntimeError("training sequence layout differs from the processor's prompt")
 
+    heads, labels = None, None
+    if args.aux_weight > 0:
+        grid = spec.image_size // model.config.vision_config.patch_size
+        labels = patch_labels(
+            ShapesVQA("train", n=args.images, seed=args.seed, image_size=spec.image_size),
+            args.images,
+            grid,
+            model.config.vision_config.patch_size,
+        )
+        heads = torch.nn.ModuleDict(
+            {k: torch.nn.Linear(spec.hidden_size, c) for k, c in LABEL_CLASSES(grid).items()}
+        )
+
     trainable = [p_ for n_, p_ in model.named_parameters() if not n_.startswith("model.vision_tower.")]
+    if heads is not None:
+        trainable += list(heads.parameters())  # training-only, not shipped
     decay = [p_ for p_ in trainable if p_.dim() >= 2]
     no_decay = [p_ for p_ in trainable if p_.dim() < 2]
     opt = torch.optim.AdamW(
@@ -432,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     model.model.vision_tower.eval()
     t_train0 = time.time()
-    log, ema_loss, ema_acc, ema_word, steps_done = [], None, None, None, 0
+    log, ema_loss, ema_acc, ema_word, ema_aux, steps_done = [], None, None, None, None, 0
     bar = tqdm(range(args.steps), desc=f"train {name}", mininterval=10)
     for step in bar:
         group = group_list[int(rng.integers(len(group_list)))]
@@ -446,18 +500,27 @@ def main(argv: list[str] | None = None) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr
         batch_feats = (feats[idx].float() - mu) / sd
-        loss, correct, total, w_correct, w_total = train_step_loss(
-            model,
-            name,
-            batch_feats,
-            image_sizes[idx],
-            seqs,
-            tok.image_token_id,
-            tok.pad_token_id,
-            tok.eos_token_id,
-        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss, correct, total, w_correct, w_total = train_step_loss(
+                model,
+                name,
+                batch_feats,
+                image_sizes[idx],
+                seqs,
+                tok.image_token_id,
+                tok.pad_token_id,
+                tok.eos_token_id,
+            )
+            aux = torch.zeros(())
+            if heads is not None:
+                # the projector runs twice (here and inside train_step_loss): cheap next to the LM
+                vis = model.model.multi_modal_projector(batch_feats.flatten(1, 2))
+                aux = sum(
+                    F.cross_entropy(h(vis).flatten(0, 1).float(), labels[k][idx].flatten())
+                    for k, h in heads.items()
+                ) / len(heads)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + args.aux_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         steps_done = step + 1
@@ -467,6 +530,7 @@ def main(argv: list[str] | None = None) -> dict:
         ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
         w_acc = w_correct / max(w_total, 1)
         ema_word = w_acc if ema_word is None else 0.95 * ema_word + 0.05 * w_acc
+        ema_aux = aux.item() if ema_aux is None else 0.95 * ema_aux + 0.05 * aux.item()
         bar.set_postfix(loss=f"{ema_loss:.3f}", word_acc=f"{ema_word:.3f}", lr=f"{lr:.1e}")
         if step % 50 == 0 or step == args.steps - 1:
             log.append(
@@ -475,6 +539,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "loss": round(ema_loss, 4),
                     "answer_token_acc": round(ema_acc, 4),
                     "answer_word_acc": round(ema_word, 4),
+                    "aux_loss": round(ema_aux, 4),
                     "lr": lr,
                     "elapsed_s": round(time.time() - t_train0, 1),
                 }

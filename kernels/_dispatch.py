@@ -11,10 +11,25 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
-__all__ = ["BACKENDS", "triton_available", "triton_interpret", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "TRITON_DTYPES",
+    "triton_available",
+    "triton_interpret",
+    "resolve_backend",
+    "triton_module",
+    "check_float",
+    "next_power_of_2",
+]
+
+#: float dtypes every Triton kernel here loads (computing in fp32, which is exact for comparisons of these)
+TRITON_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 
 #: accepted values of every ``backend=`` argument
 BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
@@ -33,8 +48,58 @@ def triton_available() -> bool:
 
 
 def triton_interpret() -> bool:
-    """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET=1``), which tests use to run kernels."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton's CPU interpreter is on (``TRITON_INTERPRET=1``), which tests use to run kernels.
+
+    Parsed like Triton's own knob (``1 / true / on / yes``, any case), read at call time.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def triton_module(name: str) -> ModuleType:
+    """Load the ``@triton.jit`` kernels of ``kernels/<name>.py`` on first use (cached per interpreter mode).
+
+    The kernels live in their own modules, beside the launcher and reference in the public module, for
+    three reasons: Triton resolves a kernel's helpers through the defining module's globals (the
+    interpreter also requires ``triton.language`` there, so kernels cannot be defined inside a function);
+    ``triton.jit`` decides at definition time whether a kernel is compiled or interpreted (it reads
+    ``TRITON_INTERPRET`` then); and ``import mmcompress`` must not import Triton. Each setting gets its
+    own module object, so a process that turns the interpreter on later (the tests) gets interpreted
+    kernels rather than compiled ones it cannot run on CPU.
+    """
+    interpret = triton_interpret()
+    key = (name, interpret)
+    if key not in _TRITON_MODULES:
+        path = Path(__file__).with_name(f"{name}.py")
+        mod_name = f"{__package__}.{name}{'__interpreted' if interpret else ''}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:  # pragma: no cover - a broken install
+            raise ImportError(f"cannot load the Triton kernels {path}")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[mod_name]
+            raise
+        _TRITON_MODULES[key] = mod
+    return _TRITON_MODULES[key]
+
+
+_TRITON_MODULES: dict[tuple[str, bool], ModuleType] = {}
+
+
+def check_float(t: object, name: str, op: str, allowed: tuple[torch.dtype, ...] = TRITON_DTYPES) -> None:
+    """Raise ``TypeError`` unless ``t`` is a tensor of one of the ``allowed`` dtypes."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; allowed: {names}")
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= ``max(n, 1)`` (Triton block sizes must be powers of two)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:

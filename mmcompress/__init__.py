@@ -8,7 +8,8 @@ mmc.restore(model)                         # bit-identical to never patched
 """
 
 from .api import Handle, compress, disabled, prepare_inputs, report, restore
-from .config import MethodConfig, PreLLMMethod
+from .config import CacheMethod, MethodConfig, PreLLMMethod
+from .kv import make_cache
 from .registry import names as available_methods
 from .signals import VitAttention
 from .tokens import GridView, Layout, Selection, VisualTokens
@@ -25,6 +26,8 @@ __all__ = [
     "available_methods",
     "MethodConfig",
     "PreLLMMethod",
+    "CacheMethod",
+    "make_cache",
     "VitAttention",
     "VisualTokens",
     "Selection",

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import registry
-from .config import MethodConfig, PreLLMMethod, check_choice
+from .config import CacheMethod, MethodConfig, PreLLMMethod, check_choice
 from .report import CallReport, ImageReport
 from .tokens import Layout, Selection, VisualTokens
 
@@ -26,19 +26,29 @@ POSITIONS = ("original", "compact")
 
 
 class Handle:
-    """A model's active compression: the method, the adapter that hooks it, the last call's report."""
+    """A model's active compression: the methods, what hooks them, the last call's report.
 
-    def __init__(self, model: nn.Module, method: PreLLMMethod, positions: str) -> None:
+    ``method`` is the pre-LLM method (None when only a cache method is active) with its ``adapter``;
+    ``kv`` is the KV-cache method (None if none) with its ``kv_patch``.
+    """
+
+    def __init__(
+        self, model: nn.Module, method: PreLLMMethod | None, positions: str, kv: CacheMethod | None = None
+    ) -> None:
         self.model = model
         self.method = method
+        self.kv = kv
         self.positions = positions
         self.enabled = True
         self.last_report: CallReport | None = None
         self.adapter = None
+        self.kv_patch = None
 
     def __repr__(self) -> str:
+        pre = self.method.to_dict() if self.method is not None else None
+        kv = f", kv={self.kv.to_dict()}" if self.kv is not None else ""
         return (
-            f"Handle({type(self.model).__name__}, {self.method.to_dict()}, positions={self.positions!r}, "
+            f"Handle({type(self.model).__name__}, {pre}{kv}, positions={self.positions!r}, "
             f"enabled={self.enabled})"
         )
 
@@ -79,14 +89,25 @@ def _check_selection(sel: Selection, n: int, name: str, i: int) -> None:
         raise RuntimeError(f"method {name!r} must return strictly increasing indices (image {i})")
 
 
-def _as_method(method: Any, kwargs: dict) -> PreLLMMethod:
-    if isinstance(method, (list, tuple)):
-        if len(method) != 1:
-            raise ValueError(
-                f"got {len(method)} methods; this version composes one pre-LLM method per model "
-                f"({[getattr(m, 'name', m) for m in method]})"
-            )
-        method = method[0]
+def _as_stages(method: Any, kwargs: dict) -> tuple[PreLLMMethod | None, CacheMethod | None]:
+    """Split ``method`` (one, or a list) into at most one pre-LLM and one KV-cache method."""
+    methods = list(method) if isinstance(method, (list, tuple)) else [method]
+    if len(methods) != 1 and kwargs:
+        raise TypeError(
+            f"options as keywords ({sorted(kwargs)}) need a single method; pass config objects to compose"
+        )
+    cfgs = [_as_method(m, kwargs) for m in methods]
+    pre = [c for c in cfgs if isinstance(c, PreLLMMethod)]
+    kv = [c for c in cfgs if isinstance(c, CacheMethod)]
+    if not cfgs or len(pre) > 1 or len(kv) > 1:
+        raise ValueError(
+            f"got {len(cfgs)} methods; this version composes at most one pre-LLM method and one KV-cache "
+            f"method per model ({[c.name for c in cfgs]})"
+        )
+    return (pre[0] if pre else None), (kv[0] if kv else None)
+
+
+def _as_method(method: Any, kwargs: dict) -> PreLLMMethod | CacheMethod:
     if isinstance(method, str):
         method = registry.create(method, **kwargs)
     elif isinstance(method, MethodConfig):
@@ -99,8 +120,10 @@ def _as_method(method: Any, kwargs: dict) -> PreLLMMethod:
         raise TypeError(
             f"method must be a method name ({', '.join(registry.names())}) or a config object, got {method!r}"
         )
-    if not isinstance(method, PreLLMMethod):
-        raise TypeError(f"method {method.name!r} (stage {method.stage!r}) is not a pre-LLM method")
+    if not isinstance(method, (PreLLMMethod, CacheMethod)):
+        raise TypeError(
+            f"method {method.name!r} (stage {method.stage!r}) is not a pre-LLM or KV-cache method"
+        )
     return method
 
 
@@ -114,9 +137,11 @@ def compress(
     """Compress ``model``'s visual tokens from now on.
 
     Args:
-        model: a supported VLM instance (see :func:`mmcompress.adapters.base.supported_families`).
-        method: a registered name (``"divprune"``, ``"pool"``, ...) with its options as keywords, or a
-            config object (``mmc.DivPrune(keep=64)``).
+        model: a supported VLM instance (see :func:`mmcompress.adapters.base.supported_families`); with
+            only a KV-cache method (``"mixed_kv"``), any transformers decoder LLM or VLM.
+        method: a registered name (``"divprune"``, ``"pool"``, ``"mixed_kv"``, ...) with its options as
+            keywords, or a config object (``mmc.DivPrune(keep=64)``), or a list of config objects with at
+            most one pre-LLM and one KV-cache method (``[mmc.DivPrune(keep=64), mmc.MixedKV()]``).
         positions: ``"original"`` (kept tokens keep their RoPE positions; default) or ``"compact"``
             (renumber the shortened prompt 0..L'-1, as the official LLaVA-codebase methods do).
 
@@ -126,17 +151,27 @@ def compress(
     from mmcompress.adapters.base import find_adapter
 
     check_choice(positions, "positions", POSITIONS)
-    cfg = _as_method(method, kwargs)
-    adapter_cls = find_adapter(model)
-    handle = Handle(model, cfg, positions)
-    adapter = adapter_cls(model, handle)
-    adapter.check()
+    cfg, kv = _as_stages(method, kwargs)
+    handle = Handle(model, cfg, positions, kv=kv)
+    adapter = kv_patch = None
+    if cfg is not None:
+        adapter = find_adapter(model)(model, handle)
+        adapter.check()
+    if kv is not None:  # a cache method needs no adapter: any transformers decoder LLM or VLM
+        from .kv.method import CachePatch
+
+        kv_patch = CachePatch(model, handle, kv)
+        kv_patch.check()
     restore(model)
-    handle.adapter = adapter
+    handle.adapter, handle.kv_patch = adapter, kv_patch
     try:
-        adapter.install()
+        for part in (adapter, kv_patch):
+            if part is not None:
+                part.install()
     except BaseException:
-        adapter.uninstall()
+        for part in (kv_patch, adapter):
+            if part is not None:
+                part.uninstall()
         raise
     setattr(model, _ATTR, handle)
     return handle
@@ -151,7 +186,9 @@ def restore(model: nn.Module) -> None:
     h = _handle(model)
     if h is None:
         return
-    h.adapter.uninstall()
+    for part in (h.kv_patch, h.adapter):
+        if part is not None:
+            part.uninstall()
     del model.__dict__[_ATTR]
 
 
@@ -190,4 +227,6 @@ def prepare_inputs(model: nn.Module, **inputs: Any) -> dict:
         raise ValueError(
             "prepare_inputs needs a compressed model: call mmcompress.compress(model, ...) first"
         )
+    if h.adapter is None:
+        raise ValueError("prepare_inputs needs a pre-LLM method; this model only has a KV-cache method")
     return h.adapter.prepare_inputs(inputs)

@@ -19,7 +19,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     import mmcompress as mmc
-    from mmcompress import zoo
+    from mmcompress import registry, zoo
     from mmcompress.evals.harness import parse_keep, timed_generate
 
     path = Path(args.image)
@@ -33,7 +33,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise SystemExit("error: --question is empty")
     model, processor = zoo.load(args.model)
     if args.method and args.method != "none":
-        mmc.compress(model, args.method, keep=parse_keep(args.keep))
+        mmc.compress(model, registry.create_with_budget(args.method, parse_keep(args.keep)))
     inputs = processor(images=image, text=zoo.build_prompt(args.question), return_tensors="pt")
     g = timed_generate(model, inputs, max_new_tokens=args.max_new_tokens)
     answer = zoo.answer_from_text(processor.tokenizer.decode(g.new_tokens[0], skip_special_tokens=True))

@@ -14,7 +14,15 @@ from typing import Any, ClassVar
 
 from .tokens import Selection, VisualTokens
 
-__all__ = ["MethodConfig", "PreLLMMethod", "check_keep", "resolve_keep", "check_choice", "check_int"]
+__all__ = [
+    "MethodConfig",
+    "PreLLMMethod",
+    "CacheMethod",
+    "check_keep",
+    "resolve_keep",
+    "check_choice",
+    "check_int",
+]
 
 
 def check_keep(keep: Any, field: str = "keep") -> int | float:
@@ -72,6 +80,8 @@ class MethodConfig:
     name: ClassVar[str] = ""
     #: "pre_llm": select/merge visual tokens before the language model.
     stage: ClassVar[str] = "pre_llm"
+    #: the config field that sets the token budget (``compare --keep`` / ``run --keep`` fill it in)
+    budget_field: ClassVar[str] = "keep"
     #: short description and paper link, shown by the CLI and the README support matrix
     summary: ClassVar[str] = ""
 
@@ -127,3 +137,22 @@ class PreLLMMethod(MethodConfig):
 
     def select(self, tokens: VisualTokens) -> Selection:
         raise NotImplementedError(f"{type(self).__name__}.select")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheMethod(MethodConfig):
+    """A method that replaces the decoder's KV cache (stage ``"kv_cache"``, e.g. ``mixed_kv``).
+
+    It touches no adapter: ``compress`` shadows the instance's ``generate`` so each call gets a fresh
+    cache from :meth:`make_cache`, so it works on any transformers decoder LLM or VLM and composes with
+    one pre-LLM method (``compress(model, [DivPrune(keep=64), MixedKV()])``).
+    """
+
+    stage: ClassVar[str] = "kv_cache"
+
+    def check(self, model: Any) -> None:
+        """Raise before anything is patched if this cache cannot serve ``model``."""
+
+    def make_cache(self, model: Any) -> Any:
+        """A fresh ``transformers.Cache`` for one ``generate()`` call on ``model``."""
+        raise NotImplementedError(f"{type(self).__name__}.make_cache")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .config import MethodConfig
 
-__all__ = ["register", "get", "names", "create"]
+__all__ = ["register", "get", "names", "create", "create_with_budget"]
 
 _METHODS: dict[str, type[MethodConfig]] = {}
 
@@ -43,3 +43,10 @@ def get(name: str) -> type[MethodConfig]:
 def create(name: str, **kwargs) -> MethodConfig:
     """Build and validate the config of method ``name``."""
     return get(name)(**kwargs)
+
+
+def create_with_budget(name: str, budget, **kwargs) -> MethodConfig:
+    """Like :func:`create`, with ``budget`` put in the method's budget field (``keep`` for most methods,
+    ``retention`` for GlobalCom²), so one ``--keep`` list drives every method of a comparison."""
+    cls = get(name)
+    return cls(**{cls.budget_field: budget}, **kwargs)

@@ -307,6 +307,8 @@ def test_anyres_only_method_on_single_view_model(llava):
         name: ClassVar[str] = "test-anyres-only"
         layouts: ClassVar[tuple[str, ...]] = ("anyres",)
 
-    with pytest.raises(ValueError, match="needs a anyres layout"):
+    with pytest.raises(
+        ValueError, match="needs a layout of kind anyres; LlavaForConditionalGeneration packs a single layout"
+    ):
         mmc.compress(llava, AnyresOnly())
     assert mmc.report(llava) is None

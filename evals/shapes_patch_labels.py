@@ -1,0 +1,94 @@
+"""Exact per-patch labels of ShapesVQA scenes, for the auxiliary heads of the training recipe.
+
+For each patch of a single-view grid (LLaVA-1.5 style, ``grid × grid`` patches of ``patch`` pixels) the
+generator's scene description gives, exactly:
+
+- ``colour``: the object covering ≥ 25 % of the patch (0 = background, 1..6 in ``COLOURS`` order);
+- ``shape``: its shape (0 = background, 1..4 in ``SHAPES`` order);
+- ``centre``: 1 where an object's centre falls in the patch;
+- ``size``: the covering object's size bin (0 = background, 1 = small-object range, 2..4 = thirds of
+  the normal range), which "what is the smallest object" questions hinge on;
+- ``row`` / ``col``: the patch's own grid row and column, so the projector output carries absolute
+  position explicitly (the LM sees a flattened sequence with RoPE, i.e. only relative offsets) — what
+  position and relation questions need.
+
+Why these heads exist: a from-scratch LM trained on the answer loss alone must discover *what* each
+patch shows and *where* it is before it can learn *where to look*; it plateaus at its text prior.
+Telling the projector what each patch shows lets the LM spend its steps on the lookup. The heads are
+training-only and are not shipped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from .shapesvqa import _NORMAL_SIZE, _SMALL_SIZE, COLOURS, SHAPES, ShapesVQA, _polygon
+
+__all__ = ["LABEL_CLASSES", "patch_labels"]
+
+COVER = 0.25  # an object label needs this fraction of the patch
+
+
+def LABEL_CLASSES(grid: int) -> dict[str, int]:  # noqa: N802 - reads as a table
+    """Number of classes of every label, in head order."""
+    return {
+        "colour": len(COLOURS) + 1,
+        "shape": len(SHAPES) + 1,
+        "centre": 2,
+        "size": 5,
+        "row": grid,
+        "col": grid,
+    }
+
+
+def _size_bin(size: float, side: float) -> int:
+    frac = size / side
+    if frac <= _SMALL_SIZE[1] + 1e-6:
+        return 1
+    lo, hi = _NORMAL_SIZE
+    return 2 + min(2, max(0, int(3 * (frac - lo) / (hi - lo))))
+
+
+def patch_labels(ds: ShapesVQA, n: int, grid: int, patch: int) -> dict[str, torch.Tensor]:
+    """Labels of the first ``n`` items of ``ds``: name -> ``[n, grid*grid]`` int64 (names as LABEL_CLASSES).
+
+    ``ds`` must be square with side ``grid * patch`` pixels (the processor's resize is then the identity,
+    so pixel coordinates are patch coordinates).
+    """
+    side = grid * patch
+    if (ds.width, ds.height) != (side, side):
+        raise ValueError(
+            f"patch_labels: dataset images are {ds.width}x{ds.height}; allowed: square {side}x{side} "
+            f"(grid {grid} x patch {patch})"
+        )
+    ci = {c: i + 1 for i, c in enumerate(COLOURS)}
+    si = {s: i + 1 for i, s in enumerate(SHAPES)}
+    p = grid * grid
+    out = {k: torch.zeros(n, p, dtype=torch.long) for k in ("colour", "shape", "centre", "size")}
+    rc = torch.arange(p)
+    out["row"] = (rc // grid).expand(n, p).clone()
+    out["col"] = (rc % grid).expand(n, p).clone()
+    for i in tqdm(range(n), desc="patch labels", mininterval=10):
+        objs = ds.with_extra_questions(i, 0)[0].objects
+        planes = {k: Image.new("L", (side, side), 0) for k in ("colour", "shape", "size")}
+        draws = {k: ImageDraw.Draw(v) for k, v in planes.items()}
+        for o in objs:
+            values = {"colour": ci[o.colour], "shape": si[o.shape], "size": _size_bin(o.size, side)}
+            for k, d in draws.items():
+                if o.shape == "circle":
+                    d.ellipse(o.box, fill=values[k])
+                else:
+                    d.polygon(_polygon(o), fill=values[k])
+            r, c = min(int(o.cy) // patch, grid - 1), min(int(o.cx) // patch, grid - 1)
+            out["centre"][i, r * grid + c] = 1
+        for k, classes in (("colour", len(COLOURS) + 1), ("shape", len(SHAPES) + 1), ("size", 5)):
+            arr = np.array(planes[k])
+            blocks = arr.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(p, -1)
+            counts = np.stack([(blocks == v).sum(1) for v in range(classes)], 1)
+            # background only where no object covers enough of the patch
+            counts[:, 0] = np.where(counts[:, 1:].max(1) >= COVER * patch * patch, 0, counts[:, 0])
+            out[k][i] = torch.from_numpy(counts.argmax(1))
+    return out
