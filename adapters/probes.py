@@ -22,7 +22,7 @@ from torch import nn
 
 from mmcompress.signals import VitAttention
 
-__all__ = ["AttentionProbe", "prefix_tokens", "vision_attention_modules"]
+__all__ = ["AttentionProbe", "attention_signal", "prefix_tokens", "vision_attention_modules"]
 
 _Q_CHUNK = 256
 
@@ -90,22 +90,40 @@ class AttentionProbe:
         V, T, _ = hs.shape
         H, hd = self.heads, self.head_dim
         k = mod.k_proj(hs).view(V, T, H, hd).transpose(1, 2).float()  # [V, H, T, hd]
-        if self.signal.kind in ("cls", "cls_logits"):
-            q = mod.q_proj(hs[:, :1]).view(V, 1, H, hd).transpose(1, 2).float()
-            logits = (q @ k.transpose(-1, -2)) * self.scale
-            self.value = (logits if self.signal.kind == "cls_logits" else torch.softmax(logits, -1))[:, :, 0]
-            return
-        q = mod.q_proj(hs).view(V, T, H, hd).transpose(1, 2).float()
-        if self.signal.kind == "received_logits":
-            q_mean = q[:, :, self.prefix :].mean(dim=2, keepdim=True)  # [V, H, 1, hd]
-            self.value = (q_mean @ k.transpose(-1, -2))[:, :, 0] * self.scale
-            return
-        if self.signal.kind == "given_logits":
-            k_mean = k[:, :, self.prefix :].mean(dim=2, keepdim=True)
-            self.value = (q @ k_mean.transpose(-1, -2))[..., 0] * self.scale
-            return
-        acc = torch.zeros(V, H, T, device=hs.device)
-        for s in range(0, T, _Q_CHUNK):
-            a = torch.softmax((q[:, :, s : s + _Q_CHUNK] @ k.transpose(-1, -2)) * self.scale, -1)
-            acc += a.sum(dim=2)
-        self.value = acc / T
+        rows = hs[:, :1] if self.signal.kind in ("cls", "cls_logits") else hs  # CLS kinds need one query
+        q = mod.q_proj(rows).view(V, rows.shape[1], H, hd).transpose(1, 2).float()
+        self.value = attention_signal(q, k, self.signal.kind, self.scale, self.prefix)
+
+
+def attention_signal(
+    q: torch.Tensor, k: torch.Tensor, kind: str, scale: float, prefix: int = 0
+) -> torch.Tensor:
+    """One :class:`~mmcompress.signals.VitAttention` kind from queries and keys of one attention layer.
+
+    Args:
+        q: ``[V, H, Tq, hd]`` float queries (after RoPE where the tower applies it); for ``"cls"`` /
+            ``"cls_logits"`` only row 0 is used, so ``Tq`` may be 1.
+        k: ``[V, H, T, hd]`` float keys.
+        kind: the signal kind (module docstring).
+        scale: the softmax scale (``head_dim ** -0.5``).
+        prefix: tokens before the patches (CLS, registers), excluded from the ``*_logits`` patch means.
+
+    Returns ``[V, H, T]``. ``"received"`` runs the queries in chunks, so no ``T x T`` map exists at once.
+    """
+    if kind in ("cls", "cls_logits"):
+        logits = (q[:, :, :1] @ k.transpose(-1, -2)) * scale
+        return (logits if kind == "cls_logits" else torch.softmax(logits, -1))[:, :, 0]
+    if kind == "received_logits":
+        q_mean = q[:, :, prefix:].mean(dim=2, keepdim=True)  # [V, H, 1, hd]
+        return (q_mean @ k.transpose(-1, -2))[:, :, 0] * scale
+    if kind == "given_logits":
+        k_mean = k[:, :, prefix:].mean(dim=2, keepdim=True)
+        return (q @ k_mean.transpose(-1, -2))[..., 0] * scale
+    if kind != "received":
+        raise ValueError(f"attention_signal: kind={kind!r} is not a VitAttention kind")
+    V, H, T = k.shape[:3]
+    acc = torch.zeros(V, H, T, device=k.device)
+    for s in range(0, q.shape[2], _Q_CHUNK):
+        a = torch.softmax((q[:, :, s : s + _Q_CHUNK] @ k.transpose(-1, -2)) * scale, -1)
+        acc += a.sum(dim=2)
+    return acc / q.shape[2]

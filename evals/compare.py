@@ -142,8 +142,10 @@ def run_compare(
 
     ``methods`` may include ``"none"`` (the baseline); it is always run first whether listed or not.
     """
-    for m in methods:  # unknown names and bad budgets fail before any model is loaded
-        for k in keeps if m != "none" else ():
+    # a method without a token budget (a KV-cache method) runs once, at its defaults
+    budgets = {m: (keeps if registry.get(m).budget_field else [None]) for m in methods if m != "none"}
+    for m, ks in budgets.items():  # unknown names and bad budgets fail before any model is loaded
+        for k in ks:
             registry.create_with_budget(m, k)
     torch.manual_seed(seed)
     model, processor = zoo.load(model_name)
@@ -156,7 +158,7 @@ def run_compare(
         old_rows = old if isinstance(old, list) else old.get("rows", [])
         done = {_row_key(r): r for r in old_rows if all(r.get(k) == v for k, v in settings.items())}
     plan: list[tuple[str, int | float | None]] = [("none", None)]
-    plan += [(m, k) for m in methods if m != "none" for k in keeps]
+    plan += [(m, k) for m, ks in budgets.items() for k in ks]
     rows: list[dict] = []
     for method, keep in tqdm(plan, desc=f"compare {model_name}", disable=not progress):
         key = (method, keep)

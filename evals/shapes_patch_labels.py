@@ -12,6 +12,9 @@ generator's scene description gives, exactly:
   position explicitly (the LM sees a flattened sequence with RoPE, i.e. only relative offsets) — what
   position and relation questions need.
 
+For the retrieval loss (``train_shapes --attn-weight``) :func:`referenced_objects` names the objects a
+question is about and :func:`object_patches` the patches each object covers.
+
 Why these heads exist: a from-scratch LM trained on the answer loss alone must discover *what* each
 patch shows and *where* it is before it can learn *where to look*; it plateaus at its text prior.
 Telling the projector what each patch shows lets the LM spend its steps on the lookup. The heads are
@@ -20,14 +23,16 @@ training-only and are not shipped.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from .shapesvqa import _NORMAL_SIZE, _SMALL_SIZE, COLOURS, SHAPES, ShapesVQA, _polygon
+from .shapesvqa import _NORMAL_SIZE, _SMALL_SIZE, COLOURS, SHAPES, SceneObject, ShapesVQA, _polygon
 
-__all__ = ["LABEL_CLASSES", "patch_labels"]
+__all__ = ["LABEL_CLASSES", "object_patches", "patch_labels", "referenced_objects"]
 
 COVER = 0.25  # an object label needs this fraction of the patch
 
@@ -52,8 +57,53 @@ def _size_bin(size: float, side: float) -> int:
     return 2 + min(2, max(0, int(3 * (frac - lo) / (hi - lo))))
 
 
-def patch_labels(ds: ShapesVQA, n: int, grid: int, patch: int) -> dict[str, torch.Tensor]:
-    """Labels of the first ``n`` items of ``ds``: name -> ``[n, grid*grid]`` int64 (names as LABEL_CLASSES).
+def referenced_objects(objects: list[SceneObject], question: str) -> list[int]:
+    """Indices of the objects a ShapesVQA question is about (empty: about nothing, e.g. "is there" → no).
+
+    Exact for the generator's templates (``shapesvqa.make_question``): full "<colour> <shape>" names first
+    (existence, position, relation), then "the <shape>" (colour family) or "the <colour> object" (shape
+    family); counting is about every object, "smallest" about the smallest one.
+    """
+    q = question.lower()
+    if q.startswith("how many"):
+        return list(range(len(objects)))
+    if "smallest" in q:
+        return [min(range(len(objects)), key=lambda i: objects[i].size)]
+    named = [i for i, o in enumerate(objects) if re.search(rf"\b{o.colour} {o.shape}\b", q)]
+    if named or q.startswith("is there"):
+        return named
+    m = re.match(r"what color is the (\w+)\?", q)
+    if m:
+        return [i for i, o in enumerate(objects) if o.shape == m.group(1)]
+    m = re.match(r"what shape is the (\w+) object\?", q)
+    if m:
+        return [i for i, o in enumerate(objects) if o.colour == m.group(1)]
+    raise ValueError(f"referenced_objects: question {question!r} matches no ShapesVQA template")
+
+
+def object_patches(
+    labels: dict[str, torch.Tensor], i: int, objects: list[SceneObject], grid: int, patch: int
+) -> list[torch.Tensor]:
+    """Per object of image ``i``: its patch indices (colour and shape labels both match — every
+    (colour, shape) pair is unique in a scene); an object too small to own a patch gets its centre patch."""
+    ci = {c: k + 1 for k, c in enumerate(COLOURS)}
+    si = {s: k + 1 for k, s in enumerate(SHAPES)}
+    out = []
+    for o in objects:
+        hit = (labels["colour"][i] == ci[o.colour]) & (labels["shape"][i] == si[o.shape])
+        idx = hit.nonzero().flatten()
+        if idx.numel() == 0:
+            r, c = min(int(o.cy) // patch, grid - 1), min(int(o.cx) // patch, grid - 1)
+            idx = torch.tensor([r * grid + c])
+        out.append(idx)
+    return out
+
+
+def patch_labels(
+    ds: ShapesVQA, n: int, grid: int, patch: int
+) -> tuple[dict[str, torch.Tensor], list[list[SceneObject]]]:
+    """Labels of the first ``n`` items of ``ds``: name -> ``[n, grid*grid]`` int64 (names as LABEL_CLASSES),
+    and each item's scene objects.
 
     ``ds`` must be square with side ``grid * patch`` pixels (the processor's resize is then the identity,
     so pixel coordinates are patch coordinates).
@@ -71,8 +121,10 @@ def patch_labels(ds: ShapesVQA, n: int, grid: int, patch: int) -> dict[str, torc
     rc = torch.arange(p)
     out["row"] = (rc // grid).expand(n, p).clone()
     out["col"] = (rc % grid).expand(n, p).clone()
+    scenes = []
     for i in tqdm(range(n), desc="patch labels", mininterval=10):
         objs = ds.with_extra_questions(i, 0)[0].objects
+        scenes.append(objs)
         planes = {k: Image.new("L", (side, side), 0) for k in ("colour", "shape", "size")}
         draws = {k: ImageDraw.Draw(v) for k, v in planes.items()}
         for o in objs:
@@ -91,4 +143,4 @@ def patch_labels(ds: ShapesVQA, n: int, grid: int, patch: int) -> dict[str, torc
             # background only where no object covers enough of the patch
             counts[:, 0] = np.where(counts[:, 1:].max(1) >= COVER * patch * patch, 0, counts[:, 0])
             out[k][i] = torch.from_numpy(counts.argmax(1))
-    return out
+    return out, scenes

@@ -32,10 +32,15 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a file: make the repo importable (evals/ installs as mmcompress.evals)
     _ROOT = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(_ROOT))
-    from evals.shapes_patch_labels import LABEL_CLASSES, patch_labels  # type: ignore[no-redef]
+    from evals.shapes_patch_labels import (  # type: ignore[no-redef]
+        LABEL_CLASSES,
+        object_patches,
+        patch_labels,
+        referenced_objects,
+    )
     from evals.shapesvqa import FAMILIES, ShapesVQA, score  # type: ignore[no-redef]
 else:
-    from .shapes_patch_labels import LABEL_CLASSES, patch_labels
+    from .shapes_patch_labels import LABEL_CLASSES, object_patches, patch_labels, referenced_objects
     from .shapesvqa import FAMILIES, ShapesVQA, score
 
 from mmcompress.zoo import build as zoo_build
@@ -278,6 +283,58 @@ def train_step_loss(model, name, batch_feats, batch_sizes, seqs, image_token_id,
     return loss, int(hit.sum()), int(y.numel()), int(hit[words].sum()), int(words.sum())
 
 
+class RetrievalTap:
+    """Supervises where a few heads of one LM attention layer look (the retrieval loss, training only).
+
+    A forward pre-hook keeps the layer's input (``hidden_states``, RoPE ``position_embeddings``); after the
+    forward, :meth:`loss` recomputes, for the first ``heads`` heads and only the "answer:" query rows, the
+    pre-softmax scores against the image tokens, and returns ``-log`` of the softmax mass (over the image
+    tokens) that falls on the patches of the objects the question is about. Why: at initialisation every
+    head spreads its attention over all 576 image tokens, so the answer loss alone barely tells a head
+    *which* handful of patches held the answer and a from-scratch LM stays at its text prior for thousands
+    of steps; this tells it directly. SDPA stays on for the forward itself.
+    """
+
+    def __init__(self, attn: torch.nn.Module, heads: int) -> None:
+        self.attn, self.heads, self.seen = attn, heads, {}
+        self._h = attn.register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, mod, args, kwargs) -> None:
+        self.seen = {"hs": kwargs["hidden_states"], "pe": kwargs["position_embeddings"]}
+
+    def remove(self) -> None:
+        self._h.remove()
+
+    def loss(self, rows: torch.Tensor, cols: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+        """rows: ``[R, 2]`` (sequence, position) of answer rows; cols: ``[P]`` image-token positions (shared);
+        targets: per row the image-token indices (into ``cols``) to attend to. Mean over rows and heads."""
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        hs, (cos, sin) = self.seen["hs"], self.seen["pe"]
+        a, hd, nh = self.attn, self.attn.head_dim, self.heads
+        b, p = rows[:, 0], rows[:, 1]
+        q = a.q_proj(hs[b, p]).float().view(len(b), -1, hd)[:, :nh]  # [R, nh, hd]
+        k = a.k_proj(hs[:, cols]).float().view(hs.shape[0], len(cols), -1, hd)[:, :, :nh]  # [B, P, nh, hd]
+        q = q * cos[b, p, None].float() + rotate_half(q) * sin[b, p, None].float()
+        cb, sb = cos[:, cols, None].float(), sin[:, cols, None].float()
+        k = k * cb + rotate_half(k) * sb
+        scores = torch.einsum("rhd,rphd->rhp", q, k[b]) * a.scaling  # [R, nh, P]
+        logp = torch.log_softmax(scores, dim=-1)
+        mask = torch.zeros(len(b), len(cols), dtype=torch.bool, device=scores.device)
+        for r, t in enumerate(targets):
+            mask[r, t] = True
+        hit = torch.logsumexp(logp.masked_fill(~mask[:, None], float("-inf")), dim=-1)  # [R, nh]
+        return -hit.mean()
+
+
+def answer_rows(seqs: list[tuple[list[int], ...]]) -> list[tuple[int, int]]:
+    """(sequence, position) of every "answer:" token in QA order: the first target of each QA segment."""
+    rows = []
+    for b, (_ids, tgt, _seg, _pos) in enumerate(seqs):
+        rows += [(b, i) for i in range(1, len(tgt)) if tgt[i] != -100 and tgt[i - 1] == -100]
+    return rows
+
+
 @torch.no_grad()
 def evaluate(model, processor, name: str, n: int, seed: int, batch_size: int = 8) -> dict:
     """Greedy ``generate()`` on ``n`` test samples; accuracy overall and per family."""
@@ -388,6 +445,15 @@ def main(argv: list[str] | None = None) -> dict:
         "default 1.0 for single-view models, 0 for AnyRes (no per-view labels)",
     )
     p.add_argument(
+        "--attn-weight",
+        type=float,
+        default=None,
+        help="weight of the retrieval loss on the attention of --attn-heads heads of LM layer --attn-layer "
+        "(RetrievalTap); default: 1.0 where the per-patch labels exist (single view), else 0",
+    )
+    p.add_argument("--attn-layer", type=int, default=1)
+    p.add_argument("--attn-heads", type=int, default=2)
+    p.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -403,12 +469,14 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     _set_seed(args.seed)
     name, spec = args.model, SPECS[args.model]
-    if args.aux_weight is None:
-        args.aux_weight = 1.0 if spec.arch == "llava" else 0.0
-    if args.aux_weight < 0 or (args.aux_weight > 0 and spec.arch != "llava"):
-        raise ValueError(
-            f"--aux-weight={args.aux_weight} is invalid for {name}; allowed: >= 0, and 0 for AnyRes models"
-        )
+    for field in ("aux_weight", "attn_weight"):
+        if getattr(args, field) is None:
+            setattr(args, field, 1.0 if spec.arch == "llava" else 0.0)
+        if getattr(args, field) < 0 or (getattr(args, field) > 0 and spec.arch != "llava"):
+            raise ValueError(
+                f"--{field.replace('_', '-')}={getattr(args, field)} is invalid for {name}; "
+                f"allowed: >= 0, and 0 for AnyRes models (no per-view labels)"
+            )
     out_dir = args.out or shipped_weights_dir(name)
     results_path = args.results or RESULTS_DIR / f"train_{name}.json"
 
@@ -451,18 +519,29 @@ def main(argv: list[str] | None = None) -> dict:
     if mine[: len(ref)] != ref:
         raise RuntimeError("training sequence layout differs from the processor's prompt")
 
-    heads, labels = None, None
-    if args.aux_weight > 0:
+    heads, labels, scenes, tap = None, None, None, None
+    if args.aux_weight > 0 or args.attn_weight > 0:
         grid = spec.image_size // model.config.vision_config.patch_size
-        labels = patch_labels(
+        patch = model.config.vision_config.patch_size
+        labels, scenes = patch_labels(
             ShapesVQA("train", n=args.images, seed=args.seed, image_size=spec.image_size),
             args.images,
             grid,
-            model.config.vision_config.patch_size,
+            patch,
         )
+        obj_patches = [object_patches(labels, i, sc, grid, patch) for i, sc in enumerate(scenes)]
+    if args.aux_weight > 0:
         heads = torch.nn.ModuleDict(
             {k: torch.nn.Linear(spec.hidden_size, c) for k, c in LABEL_CLASSES(grid).items()}
         )
+    if args.attn_weight > 0:
+        layers = model.model.language_model.layers
+        if not 0 <= args.attn_layer < len(layers) or not 1 <= args.attn_heads <= spec.num_heads:
+            raise ValueError(
+                f"--attn-layer={args.attn_layer} / --attn-heads={args.attn_heads} are invalid; allowed: "
+                f"0..{len(layers) - 1} and 1..{spec.num_heads}"
+            )
+        tap = RetrievalTap(layers[args.attn_layer].self_attn, args.attn_heads)
 
     trainable = [p_ for n_, p_ in model.named_parameters() if not n_.startswith("model.vision_tower.")]
     if heads is not None:
@@ -486,16 +565,17 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     model.model.vision_tower.eval()
     t_train0 = time.time()
-    log, ema_loss, ema_acc, ema_word, ema_aux, steps_done = [], None, None, None, None, 0
+    log, ema_loss, ema_acc, ema_word, ema_aux, ema_attn, steps_done = [], None, None, None, None, None, 0
     bar = tqdm(range(args.steps), desc=f"train {name}", mininterval=10)
     for step in bar:
         group = group_list[int(rng.integers(len(group_list)))]
         idx = rng.choice(group, size=min(args.batch, len(group)), replace=False)
-        seqs = []
+        seqs, seq_qas = [], []
         for j in idx:
             pool = qas[int(j)]
             order = rng.permutation(len(pool))[: args.qas_per_seq]
-            seqs.append(builder.build(n_img_tokens, [pool[k] for k in order]))
+            seq_qas.append([pool[k] for k in order])
+            seqs.append(builder.build(n_img_tokens, seq_qas[-1]))
         lr = _lr_at(step, args.steps, args.lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -519,8 +599,22 @@ def main(argv: list[str] | None = None) -> dict:
                     F.cross_entropy(h(vis).flatten(0, 1).float(), labels[k][idx].flatten())
                     for k, h in heads.items()
                 ) / len(heads)
+            attn = torch.zeros(())
+            if tap is not None:
+                rows, targets = [], []
+                for (b, pos), (bb, k) in zip(
+                    answer_rows(seqs), [(b, k) for b, q in enumerate(seq_qas) for k in range(len(q))]
+                ):
+                    assert b == bb
+                    j = int(idx[b])
+                    refs = referenced_objects(scenes[j], seq_qas[b][k][0])
+                    if refs:  # e.g. "is there a ...?" -> no: nothing to look at
+                        rows.append((b, pos))
+                        targets.append(torch.cat([obj_patches[j][r] for r in refs]))
+                cols = torch.arange(1, 1 + n_img_tokens)  # <s> then the image tokens
+                attn = tap.loss(torch.tensor(rows), cols, targets)
         opt.zero_grad(set_to_none=True)
-        (loss + args.aux_weight * aux).backward()
+        (loss + args.aux_weight * aux + args.attn_weight * attn).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         steps_done = step + 1
@@ -531,6 +625,7 @@ def main(argv: list[str] | None = None) -> dict:
         w_acc = w_correct / max(w_total, 1)
         ema_word = w_acc if ema_word is None else 0.95 * ema_word + 0.05 * w_acc
         ema_aux = aux.item() if ema_aux is None else 0.95 * ema_aux + 0.05 * aux.item()
+        ema_attn = attn.item() if ema_attn is None else 0.95 * ema_attn + 0.05 * attn.item()
         bar.set_postfix(loss=f"{ema_loss:.3f}", word_acc=f"{ema_word:.3f}", lr=f"{lr:.1e}")
         if step % 50 == 0 or step == args.steps - 1:
             log.append(
@@ -540,6 +635,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "answer_token_acc": round(ema_acc, 4),
                     "answer_word_acc": round(ema_word, 4),
                     "aux_loss": round(ema_aux, 4),
+                    "attn_loss": round(ema_attn, 4),
                     "lr": lr,
                     "elapsed_s": round(time.time() - t_train0, 1),
                 }
@@ -549,6 +645,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"time budget reached after {steps_done} steps", flush=True)
             break
     t_train = time.time() - t_train0
+    if tap is not None:
+        tap.remove()
     del feats, data
 
     model.eval()

@@ -7,6 +7,7 @@ with mmc.disabled(model): ...              # the baseline on the same instance
 mmc.restore(model)                         # bit-identical to never patched
 """
 
+from . import projectors  # noqa: F401  (mmc.projectors.install_tokenpacker)
 from .api import Handle, compress, disabled, prepare_inputs, report, restore
 from .config import CacheMethod, MethodConfig, PreLLMMethod
 from .kv import make_cache

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import registry
-from .config import CacheMethod, MethodConfig, PreLLMMethod, check_choice
+from .config import CacheMethod, InLLMMethod, MethodConfig, PreLLMMethod, check_choice
 from .report import CallReport, ImageReport
 from .tokens import Layout, Selection, VisualTokens
 
@@ -29,15 +29,23 @@ class Handle:
     """A model's active compression: the methods, what hooks them, the last call's report.
 
     ``method`` is the pre-LLM method (None when only a cache method is active) with its ``adapter``;
-    ``kv`` is the KV-cache method (None if none) with its ``kv_patch``.
+    ``kv`` is the KV-cache method (None if none) with its ``kv_patch``; ``inllm`` the in-LLM method
+    (None if none) with its ``inllm_patch``.
     """
 
     def __init__(
-        self, model: nn.Module, method: PreLLMMethod | None, positions: str, kv: CacheMethod | None = None
+        self,
+        model: nn.Module,
+        method: PreLLMMethod | None,
+        positions: str,
+        kv: CacheMethod | None = None,
+        inllm: InLLMMethod | None = None,
     ) -> None:
         self.model = model
         self.method = method
         self.kv = kv
+        self.inllm = inllm
+        self.inllm_patch = None
         self.positions = positions
         self.enabled = True
         self.last_report: CallReport | None = None
@@ -47,6 +55,7 @@ class Handle:
     def __repr__(self) -> str:
         pre = self.method.to_dict() if self.method is not None else None
         kv = f", kv={self.kv.to_dict()}" if self.kv is not None else ""
+        kv += f", in_llm={self.inllm.to_dict()}" if self.inllm is not None else ""
         return (
             f"Handle({type(self.model).__name__}, {pre}{kv}, positions={self.positions!r}, "
             f"enabled={self.enabled})"
@@ -89,8 +98,11 @@ def _check_selection(sel: Selection, n: int, name: str, i: int) -> None:
         raise RuntimeError(f"method {name!r} must return strictly increasing indices (image {i})")
 
 
-def _as_stages(method: Any, kwargs: dict) -> tuple[PreLLMMethod | None, CacheMethod | None]:
-    """Split ``method`` (one, or a list) into at most one pre-LLM and one KV-cache method."""
+def _as_stages(
+    method: Any, kwargs: dict
+) -> tuple[PreLLMMethod | None, InLLMMethod | None, CacheMethod | None]:
+    """Split ``method`` (one, or a list) into at most one pre-LLM, one in-LLM and one KV-cache method
+    (an in-LLM method that brings its own cache, like ZipVL, fills the KV-cache slot)."""
     methods = list(method) if isinstance(method, (list, tuple)) else [method]
     if len(methods) != 1 and kwargs:
         raise TypeError(
@@ -99,15 +111,24 @@ def _as_stages(method: Any, kwargs: dict) -> tuple[PreLLMMethod | None, CacheMet
     cfgs = [_as_method(m, kwargs) for m in methods]
     pre = [c for c in cfgs if isinstance(c, PreLLMMethod)]
     kv = [c for c in cfgs if isinstance(c, CacheMethod)]
-    if not cfgs or len(pre) > 1 or len(kv) > 1:
+    inllm = [c for c in cfgs if isinstance(c, InLLMMethod)]
+    if not cfgs or len(pre) > 1 or len(kv) > 1 or len(inllm) > 1:
         raise ValueError(
-            f"got {len(cfgs)} methods; this version composes at most one pre-LLM method and one KV-cache "
-            f"method per model ({[c.name for c in cfgs]})"
+            f"got {len(cfgs)} methods; this version composes at most one pre-LLM method, one in-LLM "
+            f"method and one KV-cache method per model ({[c.name for c in cfgs]})"
         )
-    return (pre[0] if pre else None), (kv[0] if kv else None)
+    own = inllm[0].cache_method() if inllm else None
+    if own is not None:
+        if kv:
+            raise ValueError(
+                f"method {inllm[0].name!r} brings its own KV cache ({own.name}); drop {kv[0].name!r} "
+                f"and set the bits on {inllm[0].name!r} instead"
+            )
+        kv = [own]
+    return (pre[0] if pre else None), (inllm[0] if inllm else None), (kv[0] if kv else None)
 
 
-def _as_method(method: Any, kwargs: dict) -> PreLLMMethod | CacheMethod:
+def _as_method(method: Any, kwargs: dict) -> PreLLMMethod | InLLMMethod | CacheMethod:
     if isinstance(method, str):
         method = registry.create(method, **kwargs)
     elif isinstance(method, MethodConfig):
@@ -120,9 +141,9 @@ def _as_method(method: Any, kwargs: dict) -> PreLLMMethod | CacheMethod:
         raise TypeError(
             f"method must be a method name ({', '.join(registry.names())}) or a config object, got {method!r}"
         )
-    if not isinstance(method, (PreLLMMethod, CacheMethod)):
+    if not isinstance(method, (PreLLMMethod, InLLMMethod, CacheMethod)):
         raise TypeError(
-            f"method {method.name!r} (stage {method.stage!r}) is not a pre-LLM or KV-cache method"
+            f"method {method.name!r} (stage {method.stage!r}) is not a pre-LLM, in-LLM or KV-cache method"
         )
     return method
 
@@ -151,25 +172,28 @@ def compress(
     from mmcompress.adapters.base import find_adapter
 
     check_choice(positions, "positions", POSITIONS)
-    cfg, kv = _as_stages(method, kwargs)
-    handle = Handle(model, cfg, positions, kv=kv)
-    adapter = kv_patch = None
+    cfg, inllm, kv = _as_stages(method, kwargs)
+    handle = Handle(model, cfg, positions, kv=kv, inllm=inllm)
+    adapter = kv_patch = inllm_patch = None
     if cfg is not None:
         adapter = find_adapter(model)(model, handle)
         adapter.check()
+    if inllm is not None:  # hooks on the decoder itself: no adapter needed
+        inllm_patch = inllm.make_patch(model, handle)
+        inllm_patch.check()
     if kv is not None:  # a cache method needs no adapter: any transformers decoder LLM or VLM
         from .kv.method import CachePatch
 
         kv_patch = CachePatch(model, handle, kv)
         kv_patch.check()
     restore(model)
-    handle.adapter, handle.kv_patch = adapter, kv_patch
+    handle.adapter, handle.kv_patch, handle.inllm_patch = adapter, kv_patch, inllm_patch
     try:
-        for part in (adapter, kv_patch):
+        for part in (adapter, inllm_patch, kv_patch):
             if part is not None:
                 part.install()
     except BaseException:
-        for part in (kv_patch, adapter):
+        for part in (kv_patch, inllm_patch, adapter):
             if part is not None:
                 part.uninstall()
         raise
@@ -186,7 +210,7 @@ def restore(model: nn.Module) -> None:
     h = _handle(model)
     if h is None:
         return
-    for part in (h.kv_patch, h.adapter):
+    for part in (h.kv_patch, h.inllm_patch, h.adapter):
         if part is not None:
             part.uninstall()
     del model.__dict__[_ATTR]

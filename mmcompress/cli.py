@@ -1,4 +1,4 @@
-"""``mmcompress`` command line: ``run`` (one question), ``compare`` (the main job), ``zoo``."""
+"""``mmcompress`` command line: ``run`` (one question), ``compare`` (the main job), ``eval``, ``zoo``."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise SystemExit("error: --question is empty")
     model, processor = zoo.load(args.model)
     if args.method and args.method != "none":
-        mmc.compress(model, registry.create_with_budget(args.method, parse_keep(args.keep)))
+        keep = None if args.keep is None else parse_keep(args.keep)
+        mmc.compress(model, registry.create_with_budget(args.method, keep))
     inputs = processor(images=image, text=zoo.build_prompt(args.question), return_tensors="pt")
     g = timed_generate(model, inputs, max_new_tokens=args.max_new_tokens)
     answer = zoo.answer_from_text(processor.tokenizer.decode(g.new_tokens[0], skip_special_tokens=True))
@@ -67,6 +68,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mmcompress.evals.runner import run_from_args
+
+    return run_from_args(args)
+
+
 def _cmd_zoo(args: argparse.Namespace) -> int:
     from mmcompress import zoo
 
@@ -90,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--question", required=True)
     r.add_argument("--model", default="shapes-llava", help="embedded name, local checkpoint folder or hub id")
     r.add_argument("--method", default="none")
-    r.add_argument("--keep", default="0.25", help="int: tokens per image; float in (0, 1]: fraction")
+    r.add_argument(
+        "--keep",
+        default=None,
+        help="int: tokens per image; float in (0, 1]: fraction (default: the method's own default)",
+    )
     r.add_argument("--max-new-tokens", type=int, default=4)
     r.set_defaults(func=_cmd_run)
 
@@ -106,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-new-tokens", type=int, default=4)
     c.add_argument("--json", default=None, help="write the rows here (atomically; resumes from it)")
     c.set_defaults(func=_cmd_compare)
+
+    from mmcompress.evals.runner import add_eval_arguments
+
+    e = sub.add_parser("eval", help="a benchmark (VQAv2, GQA, ..., ShapesVQA): baseline + methods, resumable")
+    add_eval_arguments(e).set_defaults(func=_cmd_eval)
 
     z = sub.add_parser("zoo", help="build (once) and locate the embedded models")
     z.add_argument("name", nargs="?", default="all")

@@ -18,6 +18,7 @@ __all__ = [
     "MethodConfig",
     "PreLLMMethod",
     "CacheMethod",
+    "InLLMMethod",
     "check_keep",
     "resolve_keep",
     "check_choice",
@@ -80,8 +81,9 @@ class MethodConfig:
     name: ClassVar[str] = ""
     #: "pre_llm": select/merge visual tokens before the language model.
     stage: ClassVar[str] = "pre_llm"
-    #: the config field that sets the token budget (``compare --keep`` / ``run --keep`` fill it in)
-    budget_field: ClassVar[str] = "keep"
+    #: the config field that sets the token budget (``compare --keep`` / ``run --keep`` fill it in);
+    #: ``None`` for methods without one (KV-cache methods)
+    budget_field: ClassVar[str | None] = "keep"
     #: short description and paper link, shown by the CLI and the README support matrix
     summary: ClassVar[str] = ""
 
@@ -149,6 +151,7 @@ class CacheMethod(MethodConfig):
     """
 
     stage: ClassVar[str] = "kv_cache"
+    budget_field: ClassVar[str | None] = None
 
     def check(self, model: Any) -> None:
         """Raise before anything is patched if this cache cannot serve ``model``."""
@@ -156,3 +159,24 @@ class CacheMethod(MethodConfig):
     def make_cache(self, model: Any) -> Any:
         """A fresh ``transformers.Cache`` for one ``generate()`` call on ``model``."""
         raise NotImplementedError(f"{type(self).__name__}.make_cache")
+
+
+@dataclasses.dataclass(frozen=True)
+class InLLMMethod(MethodConfig):
+    """A method acting inside the LLM's decoder layers (stage ``"in_llm"``: AIM pruning, ZipVL).
+
+    It needs no pre-LLM adapter: ``compress`` installs the object :meth:`make_patch` returns (hooks on the
+    decoder and a wrapped attention function), composable with one pre-LLM method. :meth:`cache_method`
+    names a KV-cache method the method brings along (ZipVL's mixed-precision cache), or None.
+    """
+
+    stage: ClassVar[str] = "in_llm"
+    budget_field: ClassVar[str | None] = None
+
+    def make_patch(self, model: Any, handle: Any) -> Any:
+        """An object with ``check()`` / ``install()`` / ``uninstall()`` hooking ``model``."""
+        raise NotImplementedError(f"{type(self).__name__}.make_patch")
+
+    def cache_method(self) -> CacheMethod | None:
+        """The KV-cache method this method needs installed alongside it (None: the model's own cache)."""
+        return None

@@ -47,6 +47,14 @@ def create(name: str, **kwargs) -> MethodConfig:
 
 def create_with_budget(name: str, budget, **kwargs) -> MethodConfig:
     """Like :func:`create`, with ``budget`` put in the method's budget field (``keep`` for most methods,
-    ``retention`` for GlobalCom²), so one ``--keep`` list drives every method of a comparison."""
+    ``retention`` for GlobalCom²), so one ``--keep`` list drives every method of a comparison.
+
+    ``budget=None`` uses the method's default; a budget for a method without one (a KV-cache method)
+    raises.
+    """
     cls = get(name)
+    if budget is None:
+        return cls(**kwargs)
+    if cls.budget_field is None:
+        raise ValueError(f"method {name!r} takes no token budget (keep={budget!r}); leave keep unset")
     return cls(**{cls.budget_field: budget}, **kwargs)

@@ -147,3 +147,110 @@ def next_batch(
     seqs = [[1, 5, 6] + [IMG] * lens[0] + [7, 8], [1, 5] + [IMG] * lens[1] + [7, 8, 9]][: len(lens)]
     ids, am = left_padded(seqs)
     return {"input_ids": ids, "attention_mask": am, "pixel_values": pix, "image_sizes": sizes}
+
+
+# -- Qwen2-VL / Qwen2.5-VL (reference §9, tiny_qwen.py) --------------------------------------------------
+QWEN_VID, QWEN_VS, QWEN_VE = 198, 197, 196  # video placeholder, vision start / end; images use IMG
+QWEN_PATCH_DIM = 3 * 2 * 4 * 4  # channels * temporal_patch_size * patch_size**2
+
+
+def tiny_qwen(kind: str = "2", seed: int = 0, attn: str = "sdpa"):
+    """Qwen2-VL (``kind="2"``, 2 full-attention vision blocks) or Qwen2.5-VL (``"2.5"``, 4 blocks, windowed
+    except ``fullatt_block_indexes=[1, 3]``, 2x2-unit windows); patch 4, 2x2 merge, text like tiny LLaVA's."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    text = dict(
+        vocab_size=200,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    )
+    ids = dict(
+        image_token_id=IMG,
+        video_token_id=QWEN_VID,
+        vision_start_token_id=QWEN_VS,
+        vision_end_token_id=QWEN_VE,
+    )
+    if kind == "2":
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=4,
+            patch_size=4,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            mlp_ratio=2,
+        )
+        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen2VLForConditionalGeneration
+    elif kind == "2.5":
+        vision = dict(
+            depth=4,
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            num_heads=4,
+            patch_size=4,
+            temporal_patch_size=2,
+            spatial_merge_size=2,
+            window_size=16,
+            fullatt_block_indexes=[1, 3],
+        )
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(kind)
+    return cls._from_config(cfg, attn_implementation=attn).eval()
+
+
+def qwen_batch(
+    rows=((("image", (1, 8, 8)),), (("image", (1, 8, 12)),)),
+    prefixes=([5, 6], [5]),
+    suffixes=([7, 8], [7, 8, 9]),
+    seed: int = 0,
+) -> dict:
+    """A left-padded Qwen-VL batch as the processor builds it (no processor needed).
+
+    ``rows[i]`` lists row i's visual inputs in order, each ``("image" | "video", (t, h, w))`` with the patch
+    grid ``(t, h, w)``; each becomes ``<vision_start> placeholder * (t*h*w/4) <vision_end>`` followed by a
+    text token. Returns ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` and, as present,
+    ``pixel_values`` / ``image_grid_thw`` / ``pixel_values_videos`` / ``video_grid_thw``."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, types, grids = [], [], {"image": [], "video": []}
+    for items, pre, suf in zip(rows, prefixes, suffixes):
+        s = [1] + list(pre)
+        for kind, (t, h, w) in items:
+            tok = IMG if kind == "image" else QWEN_VID
+            s += [QWEN_VS] + [tok] * (t * h * w // 4) + [QWEN_VE, 3]
+            grids[kind].append((t, h, w))
+        s += list(suf)
+        seqs.append(s)
+        types.append([1 if x == IMG else 2 if x == QWEN_VID else 0 for x in s])
+    ids, am = left_padded(seqs)
+    tt = torch.zeros_like(ids)
+    for i, ty in enumerate(types):
+        tt[i, ids.shape[1] - len(ty) :] = torch.tensor(ty)
+    out = {"input_ids": ids, "attention_mask": am, "mm_token_type_ids": tt}
+    for kind, pix_key, grid_key in (
+        ("image", "pixel_values", "image_grid_thw"),
+        ("video", "pixel_values_videos", "video_grid_thw"),
+    ):
+        if grids[kind]:
+            grid = torch.tensor(grids[kind])
+            out[pix_key] = torch.randn(int(grid.prod(-1).sum()), QWEN_PATCH_DIM, generator=g)
+            out[grid_key] = grid
+    return out

@@ -66,7 +66,7 @@ def _grow_mask(old: torch.Tensor | None, rows: int, end: int, fill: bool, device
     if old is None:
         return torch.full((rows, end), fill, dtype=torch.bool, device=device)
     if old.shape[0] != rows:
-        raise ValueError(f"mask has {rows} rows but the cache holds {old.shape[0]}")
+        raise ValueError(f"important has {rows} rows but the map already set has {old.shape[0]}")
     if old.shape[1] >= end:
         return old
     pad = torch.full((rows, end - old.shape[1]), fill, dtype=torch.bool, device=old.device)
