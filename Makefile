@@ -13,10 +13,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch==2.13.0 is the local CPU wheel; any other version pulls a multi-GB CUDA build.
+# triton: the kernel tests run every Triton kernel on CPU through its interpreter (tested with 3.9.0).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q triton==3.9.0
 	touch $@
 
 setup: $(VENV)/.installed

@@ -224,6 +224,10 @@ def install_tokenpacker(
     check_scale(scale, grid, "scale")
     if patch_num is not None and patch_num not in (9, 16, 25):
         raise ValueError(f"patch_num={patch_num!r} is not allowed; choose one of (None, 9, 16, 25)")
+    if patch_num is not None and getattr(processor, "tokenizer", None) is None:
+        raise ValueError(
+            "patch_num needs the processor (its tokenizer gives the ',' and '\\n' separator ids)"
+        )
     prefix = prefix_tokens(base.vision_tower)
     if cfg.vision_feature_select_strategy == "full" and prefix:
         raise ValueError(
@@ -301,11 +305,7 @@ def uninstall_tokenpacker(model: nn.Module, processor: Any = None) -> None:
 def _install_hd(model: nn.Module, packer: LlavaTokenPacker, processor: Any, patch_num: int, state) -> None:
     base = model.model
     block = model.config.vision_config.image_size
-    tok = getattr(processor, "tokenizer", None)
-    if tok is None:
-        raise ValueError(
-            "patch_num needs the processor (its tokenizer gives the ',' and '\\n' separator ids)"
-        )
+    tok = processor.tokenizer
     # official: tokenizer.convert_tokens_to_ids([',']) and (['\n']); unknown tokens give the unk id, as-is
     sep_id, ret_id = tok.convert_tokens_to_ids(","), tok.convert_tokens_to_ids("\n")
     if sep_id is None or ret_id is None:

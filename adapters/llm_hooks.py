@@ -400,7 +400,8 @@ class AIMPatch(_DecoderPatch):
         views[0] = root
         n_vis = vis.sum(1).tolist()
         n_prot = (valid & ~vis).sum(1).tolist()
-        self.stats = {"layer_tokens": [], "layer_visual": []}
+        # per layer entering it: longest row, visual tokens per row, their original positions per row
+        self.stats = {"layer_tokens": [], "layer_visual": [], "layer_kept": []}
         return _AIMState(L0=q, batch=b, n_vis=n_vis, n_prot=n_prot, views=views)
 
     # -- decisions ---------------------------------------------------------------------------------
@@ -481,6 +482,7 @@ class AIMPatch(_DecoderPatch):
         if cur.prefill and not cur.extend:
             self.stats["layer_tokens"].append(int(view.ok.sum(1).max()))
             self.stats["layer_visual"].append(view.vis.sum(1).tolist())
+            self.stats["layer_kept"].append([r[v].tolist() for r, v in zip(view.src, view.vis)])
         if view.parent is None:  # the root: nothing pruned yet
             return None
         if cur.prefill:
@@ -682,29 +684,36 @@ class ZipVLPatch(_DecoderPatch):
         return self._sparse(fn, module, query, key, value, imp, kwargs)
 
     def _sparse(self, fn, module, query, key, value, imp, kwargs):
-        """Attention on the important tokens (Algorithm 1); rows outside get zero or attend to them."""
+        """Attention on the important tokens (Algorithm 1): keys / values gathered to ``T``; queries ``T``
+        (``rest="zero"``: other rows get no attention update) or every row (``"important"``)."""
         st, cur = self.state, self.cur
         b, h, n, d = query.shape
         eager = self.orig_impl == "eager"
-        if self.method.rest == "zero" and not cur.extend:
+        if not cur.extend:
             shr = shrink_batch(imp, None)  # important slots, left-padded per row
             gi, ok = shr.gather, shr.valid
             m = gi.shape[1]
-            q_t, k_t, v_t = (_gather_tokens(t, gi, 2) for t in (query, key, value))
-            if bool(ok.all()) and not eager:
-                mask = None
-            else:
-                allowed = (
-                    torch.ones(m, m, dtype=torch.bool, device=gi.device).tril()[None, None]
-                    & ok[:, None, None, :]
-                )
-                mask = _as_mask(allowed, None, eager, query.dtype)
-            out_t = fn(module, q_t, k_t, v_t, mask, **kwargs)[0]  # [B, m, H, d]
-            out = out_t.new_zeros(b, n, *out_t.shape[2:])
-            row = torch.arange(b, device=gi.device)[:, None].expand(b, m)
-            out[row[ok], gi[ok]] = out_t[ok]
-            return out, None
-        # general path: every query row, keys restricted per row (rest="important", or a no-cache step)
+            k_t, v_t = _gather_tokens(key, gi, 2), _gather_tokens(value, gi, 2)
+            if self.method.rest == "zero":  # |T| x |T|
+                q_t = _gather_tokens(query, gi, 2)
+                if bool(ok.all()) and not eager:
+                    mask = None  # slots are in position order: plain causal
+                else:
+                    causal = torch.ones(m, m, dtype=torch.bool, device=gi.device).tril()
+                    mask = _as_mask(causal[None, None] & ok[:, None, None, :], None, eager, query.dtype)
+                out_t = fn(module, q_t, k_t, v_t, mask, **kwargs)[0]  # [B, m, H, d]
+                out = out_t.new_zeros(b, n, *out_t.shape[2:])
+                row = torch.arange(b, device=gi.device)[:, None].expand(b, m)
+                out[row[ok], gi[ok]] = out_t[ok]
+                return out, None
+            # n x |T|: every row attends to the important keys at or before it
+            pos = torch.arange(n, device=gi.device)
+            allowed = (gi[:, None, :] <= pos[None, :, None]) & ok[:, None, :]  # [B, n, m]
+            out = fn(module, query, k_t, v_t, _as_mask(allowed[:, None], None, eager, query.dtype), **kwargs)[
+                0
+            ]
+            return out * allowed.any(-1)[:, :, None, None].to(out.dtype), None  # rows with no key: zero
+        # a no-cache step (prompt rows as above, generated rows attend to everything): full keys, masked
         L0 = st.L0
         pos = torch.arange(n, device=query.device)
         imp_n = torch.cat([imp, torch.ones(b, n - L0, dtype=torch.bool, device=imp.device)], 1)

@@ -208,6 +208,7 @@ def load_textvqa(
     root: str | Path,
     *,
     ocr: bool = False,
+    split: str = "val",
     questions: str | Path | None = None,
     ocr_file: str | Path | None = None,
     images: str | Path | None = None,
@@ -216,11 +217,11 @@ def load_textvqa(
     (``"<question>\\nReference OCR token: a, b, c\\nAnswer the question using a single word or phrase."``).
     """
     root = Path(root)
-    qpath = Path(questions) if questions else _one(root, "TextVQA_*.json", "TextVQA questions")
+    qpath = Path(questions) if questions else _one(root, f"TextVQA_0.5.1_{split}.json", "TextVQA questions")
     entries = _read_json(qpath)["data"]
     tokens: dict[str, list[str]] = {}
     if ocr and not all("ocr_tokens" in e for e in entries):
-        opath = Path(ocr_file) if ocr_file else _one(root, "*OCR*.json", "TextVQA OCR tokens")
+        opath = Path(ocr_file) if ocr_file else _one(root, f"*OCR*_{split}.json", "TextVQA OCR tokens")
         tokens = {str(e["image_id"]): e["ocr_tokens"] for e in _read_json(opath)["data"]}
     img_dir = Path(images) if images else _first_dir(root, ("train_images", "test_images", "images"))
     out = []

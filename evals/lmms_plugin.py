@@ -26,7 +26,7 @@ import torch
 from lmms_eval.api.model import lmms
 
 from .datasets import EvalSample
-from .runner import HFBackend, build_prompt
+from .runner import HFBackend, build_prompt, make_method
 
 __all__ = ["MMCompressLMM", "manifest"]
 
@@ -66,6 +66,13 @@ class MMCompressLMM(lmms):
     ) -> None:
         super().__init__()
         del max_batch_size  # lmms-eval passes it to every model; batches here are fixed-size
+        # bad method options fail before the model is loaded
+        if method != "none":
+            make_method(method, keep, **method_fields)
+        elif method_fields:
+            raise ValueError(
+                f"model_args {sorted(method_fields)} are not plugin options (and no method is set)"
+            )
         rank, world, dev = 0, 1, device
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch: lmms-eval shards the docs by rank
             from accelerate import Accelerator

@@ -149,17 +149,17 @@ class HFBackend:
         device: Any = None,
         dtype: str = "auto",
         prompt_style: str = "auto",
-        batch_size: int = 1,
     ) -> None:
         import torch
 
         from mmcompress import zoo
 
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         self.model, self.processor = zoo.load(model_name, dtype=_resolve_dtype(dtype, self.device))
         self.model.to(self.device)
         self.style = resolve_prompt_style(prompt_style, model_name)
-        self.batch_size = batch_size
         self._method: str | None = None
 
     def set_method(self, method: str, keep: int | float | None, **fields: Any) -> None:
@@ -437,7 +437,7 @@ def run_eval(
 
     dist = _dist()
     if backend is None:
-        backend = HFBackend(model, device=dist.device, dtype=dtype, prompt_style=style, batch_size=batch_size)
+        backend = HFBackend(model, device=dist.device, dtype=dtype, prompt_style=style)
     folder = Path(out) / "records" / _tag(model) / t.name
     for method, keep in plan:
         label = config_label(method, keep)
@@ -475,6 +475,7 @@ def run_eval(
                                 "ttft_ms": o.ttft_ms,
                                 "total_ms": o.total_ms,
                                 "kv_bytes": o.kv_bytes,
+                                "rank": dist.rank,
                             }
                         )
                     bar.update(len(batch))
@@ -540,6 +541,8 @@ def summarize_dir(out: str | Path, *, plot: bool = True, progress: bool = False)
                 sub / (meta_path.name.removesuffix(".meta.json") + ".json"),
                 [{"question_id": int(r["id"]), "answer": r["pred"]} for r in recs],
             )
+    # the baseline first, then methods by name and budget (tokens before fractions)
+    rows.sort(key=lambda r: (r["model"], r["task"], r["method"] != "none", r["method"], -r["visual_tokens"]))
     base = {(r["model"], r["task"]): r["score"] for r in rows if r["method"] == "none"}
     for r in rows:
         b = base.get((r["model"], r["task"]))

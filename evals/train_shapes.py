@@ -305,26 +305,42 @@ class RetrievalTap:
     def remove(self) -> None:
         self._h.remove()
 
-    def loss(self, rows: torch.Tensor, cols: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
-        """rows: ``[R, 2]`` (sequence, position) of answer rows; cols: ``[P]`` image-token positions (shared);
-        targets: per row the image-token indices (into ``cols``) to attend to. Mean over rows and heads."""
+    def loss(self, rows: torch.Tensor, allowed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """rows: ``[R, 2]`` (sequence, position) of answer rows; allowed: ``[R, L]`` the keys each row may
+        attend to (its mask row); target: ``[R, L]`` the image tokens of the objects the question is about.
+
+        ``-log`` of the attention mass on the target under the row's real softmax (over every allowed key,
+        text and ``<s>`` included — a head cannot satisfy it by keeping a sharp but tiny share on the
+        image while its output comes from the text), averaged over rows and the first ``heads`` heads.
+        """
         from transformers.models.llama.modeling_llama import rotate_half
 
         hs, (cos, sin) = self.seen["hs"], self.seen["pe"]
         a, hd, nh = self.attn, self.attn.head_dim, self.heads
         b, p = rows[:, 0], rows[:, 1]
         q = a.q_proj(hs[b, p]).float().view(len(b), -1, hd)[:, :nh]  # [R, nh, hd]
-        k = a.k_proj(hs[:, cols]).float().view(hs.shape[0], len(cols), -1, hd)[:, :, :nh]  # [B, P, nh, hd]
+        k = a.k_proj(hs).float().view(hs.shape[0], hs.shape[1], -1, hd)[:, :, :nh]  # [B, L, nh, hd]
         q = q * cos[b, p, None].float() + rotate_half(q) * sin[b, p, None].float()
-        cb, sb = cos[:, cols, None].float(), sin[:, cols, None].float()
-        k = k * cb + rotate_half(k) * sb
-        scores = torch.einsum("rhd,rphd->rhp", q, k[b]) * a.scaling  # [R, nh, P]
-        logp = torch.log_softmax(scores, dim=-1)
-        mask = torch.zeros(len(b), len(cols), dtype=torch.bool, device=scores.device)
-        for r, t in enumerate(targets):
-            mask[r, t] = True
-        hit = torch.logsumexp(logp.masked_fill(~mask[:, None], float("-inf")), dim=-1)  # [R, nh]
+        k = k * cos[:, :, None].float() + rotate_half(k) * sin[:, :, None].float()
+        scores = torch.einsum("rhd,rlhd->rhl", q, k[b]) * a.scaling  # [R, nh, L]
+        logp = torch.log_softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+        hit = torch.logsumexp(logp.masked_fill(~target[:, None], float("-inf")), dim=-1)  # [R, nh]
         return -hit.mean()
+
+
+def retrieval_masks(seqs, rows: list[tuple[int, int]], targets: list[torch.Tensor]):
+    """``(rows [R, 2], allowed [R, L], target [R, L])`` for :meth:`RetrievalTap.loss`; ``allowed`` is the
+    row of the training mask (the image segment and the row's own QA up to itself, as in
+    :func:`train_step_loss`)."""
+    L = max(len(s[0]) for s in seqs)
+    allowed = torch.zeros(len(rows), L, dtype=torch.bool)
+    target = torch.zeros(len(rows), L, dtype=torch.bool)
+    for r, ((b, p), t) in enumerate(zip(rows, targets, strict=True)):
+        seg = torch.tensor(seqs[b][2])
+        allowed[r, : len(seg)] = (seg == 0) | (seg == seg[p])
+        allowed[r, p + 1 :] = False
+        target[r, t] = True
+    return torch.tensor(rows), allowed, target
 
 
 def answer_rows(seqs: list[tuple[list[int], ...]]) -> list[tuple[int, int]]:
@@ -602,17 +618,15 @@ def main(argv: list[str] | None = None) -> dict:
             attn = torch.zeros(())
             if tap is not None:
                 rows, targets = [], []
-                for (b, pos), (bb, k) in zip(
-                    answer_rows(seqs), [(b, k) for b, q in enumerate(seq_qas) for k in range(len(q))]
-                ):
+                qa_of_row = [(b, k) for b, q in enumerate(seq_qas) for k in range(len(q))]
+                for (b, pos), (bb, k) in zip(answer_rows(seqs), qa_of_row, strict=True):
                     assert b == bb
                     j = int(idx[b])
                     refs = referenced_objects(scenes[j], seq_qas[b][k][0])
                     if refs:  # e.g. "is there a ...?" -> no: nothing to look at
                         rows.append((b, pos))
-                        targets.append(torch.cat([obj_patches[j][r] for r in refs]))
-                cols = torch.arange(1, 1 + n_img_tokens)  # <s> then the image tokens
-                attn = tap.loss(torch.tensor(rows), cols, targets)
+                        targets.append(1 + torch.cat([obj_patches[j][r] for r in refs]))  # after <s>
+                attn = tap.loss(*retrieval_masks(seqs, rows, targets))
         opt.zero_grad(set_to_none=True)
         (loss + args.aux_weight * aux + args.attn_weight * attn).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -53,6 +53,7 @@ from mmcompress.projectors import (
     load_tokenpacker_llava,
     save_tokenpacker_llava,
 )
+from mmcompress.projectors.tokenpacker import check_scale
 from mmcompress.zoo import build as zoo_build
 from mmcompress.zoo.paths import shipped_weights_dir
 from mmcompress.zoo.specs import SPECS
@@ -135,7 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--qas", type=int, default=24, help="QA pool size per training image")
     p.add_argument("--qas-per-seq", type=int, default=12, help="QA pairs packed after the image")
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--align-steps", type=int, default=300, help="first steps train the projector only")
+    p.add_argument(
+        "--align-steps",
+        type=int,
+        default=None,
+        help="first steps train the projector only (default: 15%% of --steps, 300 of 2000)",
+    )
     p.add_argument("--batch", type=int, default=8, help="sequences (images) per step")
     p.add_argument("--lr", type=float, default=1e-3, help="projector (and aux heads) peak learning rate")
     p.add_argument(
@@ -162,8 +168,11 @@ def main(argv: list[str] | None = None) -> dict:
     for field in ("images", "qas", "qas_per_seq", "steps", "batch", "eval_n"):
         if getattr(args, field) < 1:
             raise ValueError(f"--{field.replace('_', '-')}={getattr(args, field)} is invalid; allowed: >= 1")
+    if args.align_steps is None:
+        args.align_steps = round(0.15 * args.steps)
     if not 0 <= args.align_steps <= args.steps:
         raise ValueError(f"--align-steps={args.align_steps} is invalid; allowed: 0..--steps ({args.steps})")
+    check_scale(args.scale, SPECS[NAME].image_size // 14, "--scale")  # DINOv2 /14: a 24x24 grid
     if args.aux_weight < 0:
         raise ValueError(f"--aux-weight={args.aux_weight} is invalid; allowed: >= 0")
 
@@ -214,14 +223,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.aux_weight > 0:
         g, cell = packer.config.grid, model.config.vision_config.patch_size * args.scale
         # one label per packed token: its s x s patch cell (14*s px) of the 336 px image
-        labels = patch_labels(
+        labels, _scenes = patch_labels(
             ShapesVQA("train", n=args.images, seed=args.seed, image_size=spec.image_size),
             args.images,
             g,
             cell,
         )
-        if isinstance(labels, tuple):  # newer patch_labels also returns the scenes
-            labels = labels[0]
         heads = torch.nn.ModuleDict(
             {k: torch.nn.Linear(spec.hidden_size, c) for k, c in LABEL_CLASSES(g).items()}
         )

@@ -38,11 +38,11 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "triton")
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     """Whether ``import triton`` works (cached; a failing import is not retried)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
     try:
+        if importlib.util.find_spec("triton") is None:
+            return False
         import triton  # noqa: F401
-    except Exception:  # a broken install (e.g. no matching CUDA libs) counts as "not available"
+    except Exception:  # a broken install (or one blocked via sys.modules) counts as "not available"
         return False
     return True
 

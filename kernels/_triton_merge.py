@@ -21,6 +21,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _round_to(v, dtype: tl.constexpr):
+    """fp32 ``v`` rounded to ``dtype`` (round to nearest even), returned in ``dtype``.
+
+    bf16 is rounded with integer ops: Triton 3.9's interpreter truncates fp32 -> bf16 casts, while GPUs
+    round to nearest even; the explicit rounding gives the same bits on both (finite inputs)."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
 def match_kernel(
     m_ptr,
     best_v_ptr,
@@ -59,7 +73,7 @@ def match_kernel(
             )
             # exact fp32 products (fp16 / bf16 widen exactly), fp32 sums; no TF32
             acc = tl.dot(xa.to(tl.float32), tl.trans(xb.to(tl.float32)), acc, input_precision="ieee")
-        sc = acc.to(SCORE_DTYPE).to(tl.float32)
+        sc = _round_to(acc, SCORE_DTYPE).to(tl.float32)
         sc = tl.where(bm[None, :], sc, float("-inf"))
         tv = tl.max(sc, axis=1)
         ti = tl.argmax(sc, axis=1, tie_break_left=True) + b0
@@ -158,7 +172,7 @@ def reduce_kernel(
                     ssum += tl.sum(sz, axis=0)
     if not WEIGHTED:
         # the reference's scatter_reduce "mean" in x's dtype: fp32 sum rounded to the dtype, then divided
-        acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + (f * t_out + j) * c + cc, (acc / wsum).to(out_ptr.dtype.element_ty), mask=cm)
+        acc = _round_to(acc, out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + (f * t_out + j) * c + cc, _round_to(acc / wsum, out_ptr.dtype.element_ty), mask=cm)
     if tl.program_id(2) == 0:
         tl.store(size_out_ptr + f * t_out + j, ssum)

@@ -9,7 +9,7 @@ mmc.restore(model)                         # bit-identical to never patched
 
 from . import projectors  # noqa: F401  (mmc.projectors.install_tokenpacker)
 from .api import Handle, compress, disabled, prepare_inputs, report, restore
-from .config import CacheMethod, MethodConfig, PreLLMMethod
+from .config import CacheMethod, InLLMMethod, MethodConfig, PreLLMMethod
 from .kv import make_cache
 from .registry import names as available_methods
 from .signals import VitAttention
@@ -28,6 +28,7 @@ __all__ = [
     "MethodConfig",
     "PreLLMMethod",
     "CacheMethod",
+    "InLLMMethod",
     "make_cache",
     "VitAttention",
     "VisualTokens",

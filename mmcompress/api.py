@@ -160,9 +160,10 @@ def compress(
     Args:
         model: a supported VLM instance (see :func:`mmcompress.adapters.base.supported_families`); with
             only a KV-cache method (``"mixed_kv"``), any transformers decoder LLM or VLM.
-        method: a registered name (``"divprune"``, ``"pool"``, ``"mixed_kv"``, ...) with its options as
-            keywords, or a config object (``mmc.DivPrune(keep=64)``), or a list of config objects with at
-            most one pre-LLM and one KV-cache method (``[mmc.DivPrune(keep=64), mmc.MixedKV()]``).
+        method: a registered name (``"divprune"``, ``"pool"``, ``"aim"``, ``"zipvl"``, ``"mixed_kv"``, ...)
+            with its options as keywords, or a config object (``mmc.DivPrune(keep=64)``), or a list of
+            config objects with at most one pre-LLM, one in-LLM and one KV-cache method
+            (``[mmc.AIMMerge(), mmc.AIM(), mmc.MixedKV()]``; ZipVL brings its own cache).
         positions: ``"original"`` (kept tokens keep their RoPE positions; default) or ``"compact"``
             (renumber the shortened prompt 0..L'-1, as the official LLaVA-codebase methods do).
 

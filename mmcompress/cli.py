@@ -123,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="a benchmark (VQAv2, GQA, ..., ShapesVQA): baseline + methods, resumable")
     add_eval_arguments(e).set_defaults(func=_cmd_eval)
 
+    from mmcompress.evals.bench_kernels import add_arguments as add_bench_kernels_arguments
+
+    b = sub.add_parser("bench", help="speed benchmarks (JSON with the device, versions and date)")
+    add_bench_kernels_arguments(
+        b.add_subparsers(dest="bench", required=True).add_parser(
+            "kernels", help="each kernel vs its torch reference vs the official-style code"
+        )
+    )
+
     z = sub.add_parser("zoo", help="build (once) and locate the embedded models")
     z.add_argument("name", nargs="?", default="all")
     z.set_defaults(func=_cmd_zoo)

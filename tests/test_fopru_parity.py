@@ -149,14 +149,20 @@ def _check_tie_rule(case: str, variant: dict, t: dict, got: torch.Tensor) -> Non
     ],
 )
 def test_method_select_on_golden_significance(case: str, strategy: str, keep, output: str, tensors):
-    """The method path (signal → grid → budget → selection) on a signal whose head mean over the patch
-    columns is the official significance: it must give the official kept set."""
+    """The method path (signals → variance rule → grid → budget → selection) on the per-head column and
+    row means of the golden logit matrix — what the adapter's ``received_logits`` / ``given_logits``
+    probes deliver — must give the official kept set."""
     t = tensors[case]
-    sig, _ = fopru_significance(t["attn_logits_patch"].float())
-    signal = torch.cat([torch.full((1,), 9.0), sig])[None, None]  # [views=1, heads=1, 1 + 576]; CLS col first
+    logits = t["attn_logits_patch"].float()
+    logits = logits if logits.dim() == 3 else logits[None]  # [heads, 576, 576]
+    cls_col = torch.full((logits.shape[0], 1), 9.0)  # a CLS column first, as the probes return it
+    col = torch.cat([cls_col, logits.mean(dim=1)], dim=1)[None]  # [views=1, heads, 1 + 576]
+    row = torch.cat([cls_col, logits.mean(dim=2)], dim=1)[None]
     m = FoPru(keep=keep, strategy=strategy)
     tokens = VisualTokens(
-        torch.zeros(GRID * GRID, 4), Layout.single(GRID, GRID), signals={VitAttention(-2, "received"): signal}
+        torch.zeros(GRID * GRID, 4),
+        Layout.single(GRID, GRID),
+        signals={VitAttention(-2, "received_logits"): col, VitAttention(-2, "given_logits"): row},
     )
     sel = m.select(tokens)
     assert torch.equal(sel.indices, t[output])

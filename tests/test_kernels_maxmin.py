@@ -4,10 +4,13 @@ through the interpreter when there is no GPU; ``kernel_helpers`` says why)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from kernel_helpers import compile_for_sm90, run_cases
 
+from mmcompress.evals.bench_kernels import official_divprune_loop, run_bench
 from mmcompress.kernels.maxmin import (
     greedy_maxmin,
     greedy_maxmin_cosine,
@@ -83,3 +86,17 @@ def test_kernels_compile_for_sm90():
         ("greedy_kernel", feat, loop(True, True, 512, False), 4),
     ]
     assert compile_for_sm90("_triton_maxmin", specs).count("compiled") == len(specs)
+
+
+def test_bench_kernels_smoke(tmp_path):
+    # the benchmark script runs end to end and records where it ran; its official-style loop picks what
+    # the reference picks (timings themselves are not tested)
+
+    out = run_bench((18,), device="cpu", repeats=1, dim=8, json_out=tmp_path / "b.json", log=lambda s: None)
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["machine"]["device"].startswith("cpu") and saved["machine"]["date"]
+    assert {r["kernel"] for r in out["rows"]} == {"divprune", "topk", "merge"}
+    assert all(r["ms_median"] > 0 for r in saved["rows"])
+    assert not any(r["impl"].startswith("triton") for r in saved["rows"])  # interpreter timings are not speed
+    d = torch.rand(30, 30, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(official_divprune_loop(d, 12), greedy_maxmin_torch(d, 12, exclude_picked=False))

@@ -16,8 +16,9 @@ Per decoder layer, at prefill (pure functions here; hooks in :mod:`mmcompress.ad
 3. **Which** (Eq. 7–9): the ``p`` tokens with the largest *normalized* score ``a_j / c_j``, ``c_j`` the
    number of probes that can see ``j`` (the lower-triangular correction).
 4. **Sparse prefill** (Algorithm 1): from layer ``dense_layers`` on, attention runs on the important
-   tokens only (queries ``T`` × keys ``T``); the other rows get no attention update (``rest="zero"``)
-   or attend to the important keys (``rest="important"``).
+   tokens only: keys and values are gathered to ``T``; every row attends to the important keys
+   before it (``rest="important"``, cost ``n·p``), or only ``T`` rows attend and the others get no
+   attention update (``rest="zero"``, cost ``p²``).
 5. **KV cache** (§3.4): every token is cached; important ones at ``high_bits``, the others at
    ``low_bits`` (:class:`~mmcompress.kv.cache.MixedPrecisionCache`, keys per channel, values per token,
    recent tokens in full precision).
@@ -32,8 +33,11 @@ Choices where the paper is silent (spec §3.8), each a parameter:
 * heads: one important set shared by all heads (scores summed over heads), so the sparse prefill is one
   gathered attention call (per-head sets would need per-head varlen packing);
 * text: ``keep_text=False`` — text tokens compete like visual ones (the paper never singles them out);
-* non-important rows: ``rest="zero"`` (the natural reading of Algorithm 1: attention output only for
-  ``T``); ``"important"`` lets them attend to ``T`` (cost ``n·p`` instead of ``p²``);
+* non-important rows: ``rest="important"`` (default) lets them attend to ``T``; ``"zero"`` is the
+  literal reading of Algorithm 1 (attention output only for ``T``). On shapes-llava (ShapesVQA, n=30,
+  τ=0.975) ``"zero"`` lost 10 points of accuracy (0.37 vs 0.47 dense) — the last prompt token, which
+  produces the answer, is often outside ``T`` and loses its attention at every sparse layer — while
+  ``"important"`` kept 0.47 even at τ=0.8;
 * ``dense_layers=2``: layers 0–1 attend densely (their attention is broad; FastV prunes from layer 2 on).
   Their important sets still decide the KV split;
 * normalizer ``c_j``: the exact number of probes that see ``j`` (ZipCache divides by ``n - j``);
@@ -195,7 +199,8 @@ class ZipVL(InLLMMethod):
             spaced earlier ones; ZipCache 0.05 / 0.05 random).
         dense_layers: the first layers keep dense prefill attention (their important sets still set the
             KV split).
-        rest: attention of the rows outside the important set: ``"zero"`` or ``"important"``.
+        rest: attention of the rows outside the important set: ``"important"`` (attend to ``T``) or
+            ``"zero"`` (none).
         keep_text: force every text (non-visual) token into the important set.
         high_bits / low_bits: KV bits of important / other tokens (2, 4 or 8; paper 4 / 2).
         residual: most recent tokens kept in full precision; group_size / value_group_size: the
@@ -214,7 +219,7 @@ class ZipVL(InLLMMethod):
     probe_recent: float = 0.05
     probe_spread: float = 0.05
     dense_layers: int = 2
-    rest: str = "zero"
+    rest: str = "important"
     keep_text: bool = False
     high_bits: int = 4
     low_bits: int = 2

@@ -40,6 +40,7 @@ __all__ = [
     "PATCH_CANDIDATES",
     "TokenPackerConfig",
     "TokenPacker",
+    "check_scale",
     "num_image_tokens",
     "downsample_queries",
     "group_regions",
