@@ -7,7 +7,7 @@ SEED ?= 0
 # a fresh run writes here (resumes if interrupted); the committed numbers live in evals/results/
 OUT ?= runs/compare_shapes-llava_n$(N)_seed$(SEED).json
 
-.PHONY: setup zoo compare test lint format clean
+.PHONY: setup zoo compare test lint format clean train-llava train-next
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,16 @@ zoo: setup
 compare: zoo
 	$(BIN)/mmcompress compare --model shapes-llava --methods none,random,pool,divprune \
 		--keep 0.5,0.25,0.11 --n $(N) --seed $(SEED) --json $(OUT)
+
+# Re-train the shipped embedded weights (CPU, each under an hour; writes evals/results/train_<name>.json).
+FEATURES ?= $(HOME)/.cache/mmcompress/features
+train-llava: setup
+	$(BIN)/python -m mmcompress.evals.train_shapes --model shapes-llava --feature-cache $(FEATURES) \
+		--time-budget-min 45
+
+train-next: setup
+	$(BIN)/python -m mmcompress.evals.train_shapes --model shapes-llava-next --init-from shapes-llava \
+		--images 1200 --steps 800 --feature-cache $(FEATURES) --time-budget-min 40
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -148,6 +148,9 @@ class HFLlavaAdapter(Adapter):
     # -- layouts ----------------------------------------------------------------------------------
     def _single_layout(self, n: int, pixel_shape: tuple[int, ...] | None) -> Layout:
         patch = self.config.vision_config.patch_size
+        packer = getattr(self.config, "tokenpacker", None)
+        if isinstance(packer, dict) and packer.get("scale"):
+            patch *= int(packer["scale"])  # a TokenPacker projector emits one token per scale x scale region
         if pixel_shape is not None:
             rows, cols = pixel_shape[-2] // patch, pixel_shape[-1] // patch
         else:

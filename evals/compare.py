@@ -114,6 +114,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _not_applicable(model, method: str) -> str | None:
+    """Why ``method`` cannot run on ``model`` (``compress`` refuses it before patching), or None."""
+    try:
+        mmc.compress(model, registry.create_with_budget(method, None))
+    except (ValueError, TypeError) as e:
+        return str(e)
+    mmc.restore(model)
+    return None
+
+
 def _write_atomic(path: Path, payload) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -158,7 +168,12 @@ def run_compare(
         old_rows = old if isinstance(old, list) else old.get("rows", [])
         done = {_row_key(r): r for r in old_rows if all(r.get(k) == v for k, v in settings.items())}
     plan: list[tuple[str, int | float | None]] = [("none", None)]
-    plan += [(m, k) for m, ks in budgets.items() for k in ks]
+    for m, ks in budgets.items():
+        reason = _not_applicable(model, m)
+        if reason:  # e.g. an AnyRes-only method on a single-view model: say so, never fail the run
+            print(f"skipping {m} on {model_name}: {reason}", flush=True)
+            continue
+        plan += [(m, k) for k in ks]
     rows: list[dict] = []
     for method, keep in tqdm(plan, desc=f"compare {model_name}", disable=not progress):
         key = (method, keep)

@@ -213,7 +213,7 @@ def visual_embeds(model, name: str, feats: torch.Tensor, image_sizes: torch.Tens
     B, V, P, D = feats.shape
     proj = model.model.multi_modal_projector(feats.reshape(B * V, P, D).float())  # (B*V, P, H)
     if SPECS[name].arch == "llava":
-        return proj.reshape(B, V * P, -1)
+        return proj.reshape(B, -1, proj.shape[-1])  # a packing projector may emit fewer tokens
     per_image = list(proj.reshape(B, V, P, -1))
     packed, _lens = model.model.pack_image_features(
         per_image,
@@ -423,17 +423,17 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, choices=sorted(SPECS))
     p.add_argument("--images", type=int, default=3000, help="training images (tower run once each)")
-    p.add_argument("--qas", type=int, default=24, help="QA pool size per training image")
+    p.add_argument("--qas", type=int, default=48, help="QA pool size per training image")
     p.add_argument(
-        "--qas-per-seq", type=int, default=12, help="QA pairs packed after the image in one sequence"
+        "--qas-per-seq", type=int, default=16, help="QA pairs packed after the image in one sequence"
     )
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=8, help="sequences (images) per step")
+    p.add_argument("--steps", type=int, default=2600)
+    p.add_argument("--batch", type=int, default=4, help="sequences (images) per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-n", type=int, default=500)
+    p.add_argument("--eval-n", type=int, default=560)
     p.add_argument(
         "--time-budget-min",
         type=float,

@@ -328,6 +328,22 @@ def test_llava_drop_in_counts_and_generate(s):
     assert out.shape == (2, n + 3) and torch.equal(out[:, :n], inputs["input_ids"])
 
 
+def test_pruning_on_top_of_tokenpacker():
+    """A pre-LLM method sees the packed (G/s)^2 grid: the layout follows the TokenPacker scale."""
+    import mmcompress as mmc
+
+    model, proc = grid12_llava(), processor()
+    install_tokenpacker(model, proc, scale=2, feature_layers=LAYERS)
+    inputs = proc(images=pictures([(SIDE, SIDE)] * 2), text=PROMPTS, return_tensors="pt", padding=True)
+    mmc.compress(model, "pool", keep=9)  # 6x6 packed grid pooled to 3x3
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    rep = mmc.report(model)
+    assert rep.tokens_in == [36, 36] and rep.tokens_out == [9, 9]
+    assert [(v.rows, v.cols) for v in rep.images[0].layout.views] == [(6, 6)]
+    mmc.restore(model)
+
+
 def test_projector_reads_the_named_hidden_states():
     model = grid12_llava()
     pv = torch.randn(2, 3, SIDE, SIDE)
