@@ -39,7 +39,7 @@ train-llava: setup
 
 train-next: setup
 	$(BIN)/python -m mmcompress.evals.train_shapes --model shapes-llava-next --init-from shapes-llava \
-		--images 1200 --steps 800 --feature-cache $(FEATURES) --time-budget-min 40
+		--images 1200 --steps 800 --lr 5e-4 --feature-cache $(FEATURES) --time-budget-min 40
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -1,8 +1,9 @@
 """Hooks inside a transformers 5.x decoder LLM for the in-LLM methods: AIM pruning and ZipVL.
 
 Where (reference ``transformers-5-hook-points.md`` §5): the decoder is ``model.get_decoder()``
-(``LlamaModel`` of a LLaVA / LLaVA-NeXT model or of a plain ``LlamaForCausalLM``). Three kinds of hooks,
-all instance-scoped and removed by ``uninstall``:
+(``LlamaModel`` of a LLaVA / LLaVA-NeXT model or of a plain ``LlamaForCausalLM``; ``Qwen2VLTextModel``
+of Qwen2-VL / Qwen2.5-VL, whose M-RoPE ``cos`` / ``sin`` are gathered like any other). Three kinds of
+hooks, all instance-scoped and removed by ``uninstall``:
 
 * **a wrapped attention function** (§5.4): the decoder's config gets ``_attn_implementation =
   "mmcompress_<orig>"``, registered in both ``AttentionInterface`` (our entry) and

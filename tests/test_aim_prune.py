@@ -204,6 +204,28 @@ def test_beam_search_cache_equals_no_cache():
     mmc.restore(model)
 
 
+@pytest.mark.parametrize("kind", ["2", "2.5"])
+def test_qwen2_vl_mrope(kind):
+    """Qwen2-VL / Qwen2.5-VL: the gathered cos / sin carry the kept tokens' original M-RoPE positions."""
+    from tiny_models import QWEN_VID, qwen_batch, tiny_qwen
+
+    model = tiny_qwen(kind)
+    batch = qwen_batch(prefixes=([5, 6, 5, 6, 5], [5]))
+    kw = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    kw["suppress_tokens"] = [IMG, QWEN_VID]
+    ref = model.generate(**batch, **kw)
+    mmc.compress(model, AIM(schedule=(1.0,)))
+    out = model.generate(**batch, **kw)
+    assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.scores[-1], ref.scores[-1])
+    h = mmc.compress(model, RANKED)
+    out = model.generate(**batch, **kw)
+    out2 = model.generate(**batch, use_cache=False, **kw)
+    assert torch.equal(out.sequences, out2.sequences)
+    assert _diff(torch.stack(out.scores, 1), torch.stack(out2.scores, 1)) < 1e-5
+    assert h.inllm_patch.stats["layer_visual"] == [[16, 24], [16, 24], [4, 6], [0, 0]]
+    mmc.restore(model)
+
+
 def test_forward_with_labels_keeps_shapes():
     model = tiny_llava()
     batch = llava_batch(**PADDED)

@@ -220,6 +220,24 @@ def test_llava_next_and_pre_llm_composition():
     mmc.restore(model)
 
 
+@pytest.mark.parametrize("kind", ["2", "2.5"])
+def test_qwen2_vl(kind):
+    from tiny_models import IMG, QWEN_VID, qwen_batch, tiny_qwen
+
+    model = tiny_qwen(kind)
+    batch = qwen_batch(prefixes=([5, 6, 5, 6, 5], [5]))
+    kw = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    kw["suppress_tokens"] = [IMG, QWEN_VID]
+    h = mmc.compress(model, SPARSE)
+    out = model.generate(**batch, **kw)
+    out2 = model.generate(**batch, use_cache=False, **kw)
+    assert torch.equal(out.sequences, out2.sequences)
+    assert _diff(torch.stack(out.scores, 1), torch.stack(out2.scores, 1)) < 1e-5
+    st = h.inllm_patch.stats
+    assert st["tokens"] == [27, 32] and all(n < t for r in st["important"] for n, t in zip(r, st["tokens"]))
+    mmc.restore(model)
+
+
 def test_restore_bit_identical():
     model = tiny_llava()
     batch = llava_batch(**PADDED)
