@@ -241,12 +241,12 @@ def aim_merge(
 ) -> AimMergeResult:
     """Dispatching entry point: same contract as :func:`aim_merge_torch`.
 
-    ``backend="auto"`` runs the torch reference until the Triton kernel exists; an explicit
-    ``backend="triton"`` raises rather than silently timing the reference.
+    ``backend="auto"`` runs the Triton kernel (:func:`~mmcompress.kernels.merge_triton.aim_merge_triton`,
+    same contract, checked against this reference through the interpreter) on CUDA when Triton imports,
+    the torch reference otherwise.
     """
-    resolved = resolve_backend(backend, x.device)
-    if resolved == "triton" and backend == "triton":
-        raise NotImplementedError(
-            "aim_merge: the Triton merge kernel is not written yet (issue 5); use backend='torch' or 'auto'"
-        )
+    if resolve_backend(backend, x.device) == "triton":
+        from .merge_triton import aim_merge_triton
+
+        return aim_merge_triton(x, r_list, metric=metric, weighting=weighting)
     return aim_merge_torch(x, r_list, metric=metric, weighting=weighting)
