@@ -202,33 +202,7 @@ def aim_merge_torch(
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ValueError(f"aim_merge: every reduction in r_list must be an int >= 0, got {list(r_list)}")
 
-    nf, t0, _ = x.shape
-    dev = x.device
-    sizes = torch.ones(nf, t0, dtype=torch.long, device=dev)
-    slot = torch.arange(t0, device=dev).expand(nf, t0).clone()
-    anchor = slot.clone()
-    res = AimMergeResult(x, metric, sizes, slot, anchor)
-    for r in r_list:
-        x, metric, sizes, s_slot, s_anchor, r_eff = aim_merge_step_torch(
-            x, r, metric=metric, sizes=sizes, weighting=weighting
-        )
-        res.step_slots.append(s_slot)
-        res.step_anchors.append(s_anchor)
-        res.r_effective.append(r_eff)
-        slot = s_slot.gather(-1, slot)  # original -> this step's output slot
-        anchor = anchor.gather(-1, s_anchor)  # output slot -> original index
-    res.features, res.metric, res.sizes, res.slot, res.anchor = x, metric, sizes, slot, anchor
-    if squeeze:
-        res.features, res.sizes, res.slot, res.anchor = (
-            res.features[0],
-            res.sizes[0],
-            res.slot[0],
-            res.anchor[0],
-        )
-        res.metric = None if res.metric is None else res.metric[0]
-        res.step_slots = [s[0] for s in res.step_slots]
-        res.step_anchors = [a[0] for a in res.step_anchors]
-    return res
+    return run_merge_schedule(x, r_list, metric, weighting, squeeze, aim_merge_step_torch)
 
 
 def aim_merge(
@@ -250,3 +224,36 @@ def aim_merge(
 
         return aim_merge_triton(x, r_list, metric=metric, weighting=weighting)
     return aim_merge_torch(x, r_list, metric=metric, weighting=weighting)
+
+
+def run_merge_schedule(x, r_list, metric, weighting, squeeze, step) -> AimMergeResult:
+    """Apply ``step`` (the torch reference or the Triton kernel: same contract) once per reduction in
+    ``r_list`` on validated ``[F, T, D]`` inputs, composing the per-step maps into original -> output
+    slot and output slot -> original anchor maps; ``squeeze`` drops the frame axis again."""
+    nf, t0, _ = x.shape
+    dev = x.device
+    sizes = torch.ones(nf, t0, dtype=torch.long, device=dev)
+    slot = torch.arange(t0, device=dev).expand(nf, t0).clone()
+    anchor = slot.clone()
+    res = AimMergeResult(x, metric, sizes, slot, anchor)
+    for r in r_list:
+        x, metric, sizes, s_slot, s_anchor, r_eff = step(
+            x, r, metric=metric, sizes=sizes, weighting=weighting
+        )
+        res.step_slots.append(s_slot)
+        res.step_anchors.append(s_anchor)
+        res.r_effective.append(r_eff)
+        slot = s_slot.gather(-1, slot)  # original -> this step's output slot
+        anchor = anchor.gather(-1, s_anchor)  # output slot -> original index
+    res.features, res.metric, res.sizes, res.slot, res.anchor = x, metric, sizes, slot, anchor
+    if squeeze:
+        res.features, res.sizes, res.slot, res.anchor = (
+            res.features[0],
+            res.sizes[0],
+            res.slot[0],
+            res.anchor[0],
+        )
+        res.metric = None if res.metric is None else res.metric[0]
+        res.step_slots = [s[0] for s in res.step_slots]
+        res.step_anchors = [a[0] for a in res.step_anchors]
+    return res
