@@ -412,6 +412,35 @@ def build_untrained(name: str):
     return model, processor, tok
 
 
+def run_environment(threads: int) -> dict:
+    """``machine`` and ``versions`` entries of a training report."""
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "threads": threads,
+            "python": platform.python_version(),
+        },
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+    }
+
+
+def write_report(report: dict, path: Path) -> dict:
+    """Write a training report (JSON, atomically) and print its headline numbers."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+    print(
+        json.dumps(
+            {k: report[k] for k in ("model", "test_accuracy", "test_accuracy_per_family", "wall_time_s")},
+            indent=2,
+        ),
+        flush=True,
+    )
+    return report
+
+
 def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -712,26 +741,11 @@ def main(argv: list[str] | None = None) -> dict:
             "eval": round(t_eval, 1),
             "total": round(time.time() - t_start, 1),
         },
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "threads": args.threads,
-            "python": platform.python_version(),
-        },
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        **run_environment(args.threads),
         "train_log": log,
         "examples": result["examples"],
     }
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        json.dumps(
-            {k: report[k] for k in ("model", "test_accuracy", "test_accuracy_per_family", "wall_time_s")},
-            indent=2,
-        ),
-        flush=True,
-    )
-    return report
+    return write_report(report, results_path)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -361,26 +360,11 @@ def main(argv: list[str] | None = None) -> dict:
             "eval": round(t_eval, 1),
             "total": round(time.time() - t_start, 1),
         },
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "threads": args.threads,
-            "python": platform.python_version(),
-        },
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        **ts.run_environment(args.threads),
         "train_log": log,
         "examples": result["examples"],
     }
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        json.dumps(
-            {k: report[k] for k in ("model", "test_accuracy", "test_accuracy_per_family", "wall_time_s")},
-            indent=2,
-        ),
-        flush=True,
-    )
-    return report
+    return ts.write_report(report, results_path)
 
 
 if __name__ == "__main__":
