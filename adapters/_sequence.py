@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["placeholder_keep_mask", "ShrunkBatch", "shrink_batch"]
+__all__ = ["LabelShrinking", "placeholder_keep_mask", "ShrunkBatch", "shrink_batch"]
 
 
 def placeholder_keep_mask(
@@ -97,3 +97,29 @@ def shrink_batch(keep_tok: torch.Tensor, attention_mask: torch.Tensor | None) ->
     if attention_mask is not None:
         new_mask = new_mask.to(attention_mask.dtype)
     return ShrunkBatch(gather=gather, valid=valid, attention_mask=new_mask, shift=full.sum(1) - counts)
+
+
+class LabelShrinking:
+    """The outer ``forward`` shadow shared by the VLM adapters: ``labels`` are taken out of the call,
+    shrunk with the prompt at prefill (the adapter's inner forward stores ``_shrunk_labels`` from
+    ``_pending_labels``), and the loss is recomputed on the shortened logits.
+
+    Needs ``self.handle``, ``self.model``, ``self.config``, ``self._orig_outer`` and the two label slots.
+    """
+
+    def _outer_forward(self, *args, **kw):
+        if kw.get("labels") is None or not self.handle.enabled:
+            return self._orig_outer(*args, **kw)
+        labels = kw.pop("labels")
+        self._pending_labels, self._shrunk_labels = labels, None
+        try:
+            out = self._orig_outer(*args, **kw)
+        finally:
+            self._pending_labels = None
+        shrunk = self._shrunk_labels if self._shrunk_labels is not None else labels
+        self._shrunk_labels = None
+        out.loss = self.model.loss_function(
+            logits=out.logits, labels=shrunk, vocab_size=self.config.text_config.vocab_size
+        )
+        out.labels = shrunk
+        return out

@@ -27,7 +27,7 @@ from torch import nn
 from mmcompress.report import cache_bytes
 from mmcompress.tokens import GridView, Layout, Selection
 
-from ._sequence import placeholder_keep_mask, shrink_batch
+from ._sequence import LabelShrinking, placeholder_keep_mask, shrink_batch
 from .base import Adapter, register_adapter
 from .probes import AttentionProbe, prefix_tokens, vision_attention_modules
 
@@ -63,7 +63,7 @@ def _shadow(orig, impl):
 
 
 @register_adapter
-class HFLlavaAdapter(Adapter):
+class HFLlavaAdapter(LabelShrinking, Adapter):
     name = "hf-llava"
     families = (
         "LLaVA-1.5 (transformers LlavaForConditionalGeneration)",
@@ -360,23 +360,6 @@ class HFLlavaAdapter(Adapter):
         new["pixel_values"] = None
         self._state = state
         return self._record_kv(self._orig_forward(**new), pkv)
-
-    def _outer_forward(self, *args, **kw):
-        if kw.get("labels") is None or not self.handle.enabled:
-            return self._orig_outer(*args, **kw)
-        labels = kw.pop("labels")
-        self._pending_labels, self._shrunk_labels = labels, None
-        try:
-            out = self._orig_outer(*args, **kw)
-        finally:
-            self._pending_labels = None
-        shrunk = self._shrunk_labels if self._shrunk_labels is not None else labels
-        self._shrunk_labels = None
-        out.loss = self.model.loss_function(
-            logits=out.logits, labels=shrunk, vocab_size=self.config.text_config.vocab_size
-        )
-        out.labels = shrunk
-        return out
 
     # -- static cache / torch.compile route (reference §3.2, approach A) ------------------------------
     def prepare_inputs(self, inputs: dict) -> dict:

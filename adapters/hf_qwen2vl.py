@@ -53,7 +53,7 @@ from mmcompress.report import cache_bytes
 from mmcompress.signals import VitAttention
 from mmcompress.tokens import GridView, Layout, Selection
 
-from ._sequence import placeholder_keep_mask, shrink_batch
+from ._sequence import LabelShrinking, placeholder_keep_mask, shrink_batch
 from .base import Adapter, register_adapter
 from .hf_llava import _shadow
 from .probes import attention_signal
@@ -209,7 +209,7 @@ class QwenVisionProbe:
 
 
 @register_adapter
-class Qwen2VLAdapter(Adapter):
+class Qwen2VLAdapter(LabelShrinking, Adapter):
     name = "hf-qwen2vl"
     families = (
         "Qwen2-VL (transformers Qwen2VLForConditionalGeneration)",
@@ -615,23 +615,6 @@ class Qwen2VLAdapter(Adapter):
             if ids is not None and (cache is None or cache.get_seq_length() == 0):
                 self._check_prompt({**model_kwargs, "input_ids": ids})
         return self._orig_positions(inputs_tensor, model_kwargs)
-
-    def _outer_forward(self, *args, **kw):
-        if kw.get("labels") is None or not self.handle.enabled:
-            return self._orig_outer(*args, **kw)
-        labels = kw.pop("labels")
-        self._pending_labels, self._shrunk_labels = labels, None
-        try:
-            out = self._orig_outer(*args, **kw)
-        finally:
-            self._pending_labels = None
-        shrunk = self._shrunk_labels if self._shrunk_labels is not None else labels
-        self._shrunk_labels = None
-        out.loss = self.model.loss_function(
-            logits=out.logits, labels=shrunk, vocab_size=self.config.text_config.vocab_size
-        )
-        out.labels = shrunk
-        return out
 
     # -- static cache / torch.compile route (reference §3.2, approach A) ------------------------------
     def prepare_inputs(self, inputs: dict) -> dict:
