@@ -117,7 +117,7 @@ def _cpu_name() -> str:
 def _not_applicable(model, method: str) -> str | None:
     """Why ``method`` cannot run on ``model`` (``compress`` refuses it before patching), or None."""
     try:
-        mmc.compress(model, registry.create_with_budget(method, None))
+        mmc.compress(model, registry.create_from_spec(method, None))
     except (ValueError, TypeError) as e:
         return str(e)
     mmc.restore(model)
@@ -151,12 +151,18 @@ def run_compare(
     """The baseline plus every ``method`` at every ``keep``; returns the rows (and writes them to JSON).
 
     ``methods`` may include ``"none"`` (the baseline); it is always run first whether listed or not.
+    A method may carry options (:func:`mmcompress.registry.parse_spec`), e.g.
+    ``fopru:significance=received``; its rows are labelled with that spec.
     """
     # a method without a token budget (a KV-cache method) runs once, at its defaults
-    budgets = {m: (keeps if registry.get(m).budget_field else [None]) for m in methods if m != "none"}
-    for m, ks in budgets.items():  # unknown names and bad budgets fail before any model is loaded
+    budgets = {
+        m: (keeps if registry.get(registry.parse_spec(m)[0]).budget_field else [None])
+        for m in methods
+        if m != "none"
+    }
+    for m, ks in budgets.items():  # unknown names, options and bad budgets fail before any model is loaded
         for k in ks:
-            registry.create_with_budget(m, k)
+            registry.create_from_spec(m, k)
     torch.manual_seed(seed)
     model, processor = zoo.load(model_name)
     samples = eval_samples(model_name, n, seed)
@@ -183,7 +189,7 @@ def run_compare(
         if method == "none":
             mmc.restore(model)
         else:
-            mmc.compress(model, registry.create_with_budget(method, keep))
+            mmc.compress(model, registry.create_from_spec(method, keep))
         res = evaluate_config(
             model,
             processor,

@@ -34,7 +34,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     model, processor = zoo.load(args.model)
     if args.method and args.method != "none":
         keep = None if args.keep is None else parse_keep(args.keep)
-        mmc.compress(model, registry.create_with_budget(args.method, keep))
+        mmc.compress(model, registry.create_from_spec(args.method, keep))
     inputs = processor(images=image, text=zoo.build_prompt(args.question), return_tensors="pt")
     g = timed_generate(model, inputs, max_new_tokens=args.max_new_tokens)
     answer = zoo.answer_from_text(processor.tokenizer.decode(g.new_tokens[0], skip_special_tokens=True))
@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
             "kernels", help="each kernel vs its torch reference vs the official-style code"
         )
     )
+
+    from mmcompress.demos.app import add_arguments as add_demo_arguments  # gradio is imported on launch only
+
+    add_demo_arguments(sub.add_parser("demo", help="the gradio demo in a browser (needs the 'demo' extra)"))
 
     z = sub.add_parser("zoo", help="build (once) and locate the embedded models")
     z.add_argument("name", nargs="?", default="all")
