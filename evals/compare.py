@@ -169,6 +169,7 @@ def run_compare(
     machine = machine_info(model)
     settings = {"model": str(model_name), "n": n, "seed": seed, "batch_size": batch_size}
     done: dict[tuple, dict] = {}
+    old_rows: list[dict] = []
     if json_out is not None and Path(json_out).exists():
         old = json.loads(Path(json_out).read_text())
         old_rows = old if isinstance(old, list) else old.get("rows", [])
@@ -181,6 +182,18 @@ def run_compare(
             continue
         plan += [(m, k) for k in ks]
     rows: list[dict] = []
+
+    def write() -> None:
+        # Rows of the same file that this run does not plan (other methods, other settings) stay where
+        # they were: a second run with another method list adds rows, it never drops earlier ones.
+        if json_out is None:
+            return
+        fresh = {_row_key(r): r for r in rows}
+        merged = [fresh.pop(_row_key(r)) if _row_key(r) in fresh and r in reusable else r for r in old_rows]
+        _write_atomic(Path(json_out), merged + list(fresh.values()))
+
+    reusable = list(done.values())
+
     for method, keep in tqdm(plan, desc=f"compare {model_name}", disable=not progress):
         key = (method, keep)
         if key in done:
@@ -214,10 +227,8 @@ def run_compare(
             "machine": machine,
         }
         rows.append(row)
-        if json_out is not None:
-            _write_atomic(Path(json_out), rows)
-    if json_out is not None:
-        _write_atomic(Path(json_out), rows)
+        write()
+    write()
     return rows
 
 

@@ -317,8 +317,8 @@ def test_text_only_prompt_after_image_prompt(models):
         ("divprune", dict(keep=0.25)),
         ("random", dict(keep=6)),
         ("pool", dict(keep=0.25)),
-        ("fopru", dict(keep=0.25)),  # default layer=-2, logits significance
-        ("fopru", dict(keep=0.25, strategy="row", significance="received", layer=0)),
+        ("fopru", dict(keep=0.25, significance="logits")),  # default layer=-2
+        ("fopru", dict(keep=0.25, strategy="row", layer=0)),  # default: received attention
         ("aim_merge", dict(keep=0.5)),
     ],
 )

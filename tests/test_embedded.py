@@ -130,3 +130,16 @@ def test_compare_writes_rows_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(cmp, "evaluate_config", lambda *a, **k: pytest.fail("recomputed a finished row"))
     again = run_compare("shapes-llava", ["none", "random"], [0.25], n=3, seed=1, json_out=out, progress=False)
     assert again == rows
+    # a later run with another method list adds its rows and keeps every earlier one
+    monkeypatch.undo()
+    more = run_compare(
+        "shapes-llava", ["none", "random:seed=1"], [0.25], n=3, seed=1, json_out=out, progress=False
+    )
+    assert [r["method"] for r in more] == ["none", "random:seed=1"] and more[0] == rows[0]
+    merged = json.loads(out.read_text())
+    assert [(r["method"], r["keep"]) for r in merged] == [
+        ("none", None),
+        ("random", 0.25),
+        ("random:seed=1", 0.25),
+    ]
+    assert merged[:2] == saved

@@ -126,10 +126,10 @@ def _patch_logits(model, pixel_values: torch.Tensor, layer: int = -2) -> torch.T
 @pytest.mark.parametrize("tower", ["clip", "siglip"])
 @pytest.mark.parametrize("strategy", ["rank", "row"])
 def test_fopru_logits_match_the_official_significance(tower, strategy):
-    # default significance: the official variance rule on the full patch-logit matrix, per image
+    # significance="logits": the official variance rule on the full patch-logit matrix, per image
     model = tiny_llava(tower)  # sdpa: the probe never needs eager attention
     batch = llava_batch()
-    mmc.compress(model, "fopru", keep=0.5, strategy=strategy)
+    mmc.compress(model, "fopru", keep=0.5, strategy=strategy, significance="logits")
     model.generate(**batch, **GEN)
     rep = mmc.report(model)
     logits = _patch_logits(model, batch["pixel_values"])
@@ -215,7 +215,8 @@ def test_fopru_other_towers(tower):
 
 
 def test_fopru_signal_plumbing_errors():
-    m = FoPru(keep=0.5)
+    assert FoPru(keep=0.5).needs() == {VitAttention(-2, "received")}
+    m = FoPru(keep=0.5, significance="logits")
     assert m.needs() == {VitAttention(-2, "received_logits"), VitAttention(-2, "given_logits")}
     tokens = VisualTokens(torch.zeros(16, 4), Layout.single(4, 4))
     with pytest.raises(ValueError, match="has no VitAttention"):
@@ -375,7 +376,7 @@ def test_configs_registered_and_round_trip():
         "strategy": "rank",
         "layer": -2,
         "newlines": "keep",
-        "significance": "logits",
+        "significance": "received",
     }
 
 
