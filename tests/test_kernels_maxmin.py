@@ -95,7 +95,7 @@ def test_bench_kernels_smoke(tmp_path):
     out = run_bench((18,), device="cpu", repeats=1, dim=8, json_out=tmp_path / "b.json", log=lambda s: None)
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved["machine"]["device"].startswith("cpu") and saved["machine"]["date"]
-    assert {r["kernel"] for r in out["rows"]} == {"divprune", "topk", "merge"}
+    assert {r["kernel"] for r in out["rows"]} == {"divprune", "topk", "merge", "kvquant"}
     assert all(r["ms_median"] > 0 for r in saved["rows"])
     assert not any(r["impl"].startswith("triton") for r in saved["rows"])  # interpreter timings are not speed
     d = torch.rand(30, 30, generator=torch.Generator().manual_seed(3))
