@@ -36,10 +36,7 @@ on the machine (recorded per run); compare them only within one file.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +50,7 @@ from mmcompress import zoo
 from mmcompress.config import MethodConfig
 from mmcompress.kv import MixedKV
 
+from .bench_common import DecoderClock, write_json_atomic
 from .compare import eval_samples, evaluate_config, machine_info
 from .harness import timed_generate
 from .shapesvqa import Sample
@@ -181,32 +179,6 @@ def _install(model, row: Row) -> Any:
 # -- measurements -------------------------------------------------------------------------------------------
 
 
-class _DecoderClock:
-    """Hooks on the decoder: wall time of each prefill forward (more than one token), and the last cache."""
-
-    def __init__(self, model) -> None:
-        dec = model.get_decoder()
-        self.prefill_ms: list[float] = []
-        self.cache: Any = None
-        self._t0 = 0.0
-        self.hooks = [
-            dec.register_forward_pre_hook(self._pre, with_kwargs=True, prepend=True),
-            dec.register_forward_hook(self._post, with_kwargs=True),
-        ]
-
-    def _pre(self, module, args, kwargs) -> None:
-        self.cache = kwargs.get("past_key_values")
-        self._t0 = time.perf_counter()
-
-    def _post(self, module, args, kwargs, output) -> None:
-        if output.last_hidden_state.shape[1] > 1:
-            self.prefill_ms.append((time.perf_counter() - self._t0) * 1e3)
-
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
-
-
 class _Forced(LogitsProcessor):
     """Records the logits of every step, then forces the given token (teacher forcing through generate)."""
 
@@ -303,7 +275,7 @@ def _prefill_flops(model, stats: dict | None, method: MethodConfig | None, n0: i
 
 
 def _measure(model, processor, row: Row, handle, samples, forced_samples, forced_tokens, args) -> dict:
-    clock = _DecoderClock(model)
+    clock = DecoderClock(model)
     try:
         res = evaluate_config(
             model,
@@ -369,14 +341,6 @@ def _sqnr_db(logits: list[torch.Tensor], ref: list[torch.Tensor]) -> float | Non
     return None if noise == 0 else 10.0 * math.log10(sig / noise)
 
 
-def _write_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def run_bench(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
@@ -433,9 +397,9 @@ def run_bench(args: argparse.Namespace) -> dict:
             flush=True,
         )
         if out_path is not None:
-            _write_atomic(out_path, payload)
+            write_json_atomic(out_path, payload)
     if out_path is not None:
-        _write_atomic(out_path, payload)
+        write_json_atomic(out_path, payload)
     return payload
 
 

@@ -14,7 +14,14 @@ Issue 5's speed half (a script, not a timed test). For every N in ``--sizes`` (d
   (:func:`~mmcompress.kernels.topk.topk_torch`, two stable sorts) and the Triton kernel;
 * ``merge``: one ToMe / AIM bipartite step removing N / 2 of N tokens of width ``dim`` (the first AIM
   step): the torch reference (:func:`~mmcompress.kernels.merge.aim_merge_step_torch`, which is the
-  official algorithm) and the Triton kernels.
+  official algorithm) and the Triton kernels;
+* ``kvquant``: group-wise KV quantize and dequantize of a ``[1, 32, T, 128]`` fp16 cache (T = N rounded
+  down to a multiple of the group, 32 tokens / channels), 4 and 2 bits, keys per channel and values per
+  token as the mixed-precision cache stores them: the torch reference and the Triton kernels, with the
+  bytes each moves and the achieved GB/s against the device's measured copy bandwidth (and its nominal
+  peak where known), so that the issue's "KV quantize at >= 50 % of memory bandwidth" can be judged;
+  plus decode attention over that cache (4-bit K / 2-bit V): dequantize-then-SDPA against the fused
+  dequantize-and-attend kernel (the issue keeps the fused path only if it measures faster).
 
 Triton rows run only on CUDA: interpreter timings say nothing about speed and are never reported. Rows
 whose work or memory would be unreasonable on the device are recorded as skipped, with the reason. The JSON
@@ -24,23 +31,34 @@ holds the device, the library versions, the date and every row (median and min o
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
 import os
-import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+
+from .bench_common import machine, write_json_atomic
+from .bench_common import time_call as _time
 
 __all__ = ["run_bench", "format_rows", "add_arguments", "official_divprune_loop"]
 
 SIZES = (576, 2880, 8192, 32768)
-KERNELS = ("divprune", "topk", "merge")
+KERNELS = ("divprune", "topk", "merge", "kvquant")
+#: nominal DRAM bandwidth (GB/s) by a substring of ``torch.cuda.get_device_name``, most specific first
+_NOMINAL_GBPS = (
+    ("H200", 4800.0),
+    ("H100 NVL", 3900.0),
+    ("H100 PCIe", 2000.0),
+    ("H100", 3350.0),
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100", 1555.0),
+    ("L40S", 864.0),
+    ("L4", 300.0),
+    ("A10", 600.0),
+    ("RTX 4090", 1008.0),
+)
 
 
 def official_divprune_loop(dist: torch.Tensor, k: int) -> torch.Tensor:
@@ -56,57 +74,6 @@ def official_divprune_loop(dist: torch.Tensor, k: int) -> torch.Tensor:
     return s
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> dict:
-    """Median and min wall-clock in ms over ``repeats`` runs after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"ms_median": statistics.median(times), "ms_min": min(times), "repeats": repeats}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device: torch.device) -> dict:
-    """Where and with what the figures were taken."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-    return {
-        "device": f"{device.type}: {name}",
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def _limits(device: torch.device) -> dict:
     """What counts as unreasonable here: element reads of the official loop, bytes of one matrix, FLOPs of
     one GEMM (fp16 GEMMs are slow on CPU)."""
@@ -114,6 +81,112 @@ def _limits(device: torch.device) -> dict:
         free, _ = torch.cuda.mem_get_info(device)
         return {"loop_reads": 2e12, "bytes": free * 0.4, "flops": math.inf}
     return {"loop_reads": 3e9, "bytes": 2e9, "flops": 2e10}
+
+
+def bandwidth(device: torch.device, mib: int | None = None) -> dict:
+    """Reference bandwidths for the kvquant rows: a measured device copy (``clone`` of ``mib`` MiB, default
+    256 on a GPU and 32 on CPU: bytes read + written, best of 5) and, on a GPU in :data:`_NOMINAL_GBPS`,
+    the nominal peak."""
+    mib = mib or (256 if device.type == "cuda" else 32)
+    x = torch.empty(mib << 18, dtype=torch.float32, device=device)  # mib MiB
+    t = _time(lambda: x.clone(), device, 5)
+    out = {"copy_gbps": 2 * x.numel() * 4 / (t["ms_min"] * 1e6), "copy_mib": mib}
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        out["nominal_gbps"] = next((v for key, v in _NOMINAL_GBPS if key in name), None)
+    return out
+
+
+def _bench_kvquant(
+    n: int, device: torch.device, repeats: int, use_triton: bool, bw: dict | None = None
+) -> list[dict]:
+    from mmcompress.kernels.kvquant import (
+        dequantize_torch,
+        dequantize_triton,
+        quantize_torch,
+        quantize_triton,
+    )
+
+    heads, dim, group = 32, 128, 32
+    tokens = max(group, n // group * group)
+    numel = heads * tokens * dim
+    base = {"kernel": "kvquant", "N": n, "tokens": tokens, "heads": heads, "dim": dim, "group": group}
+    base["dtype"] = "float16"
+    if numel * 4 * 6 > _limits(device)["bytes"]:  # the reference holds ~6 fp32 temporaries
+        return [dict(base, impl="all", skipped=f"{numel:.1e} elements: the reference's fp32 temporaries")]
+    x = torch.randn(1, heads, tokens, dim, generator=torch.Generator().manual_seed(n))
+    x = x.to(device, torch.float16)
+    rows = []
+    for bits in (4, 2):
+        for name, axis in (("K", 2), ("V", 3)):  # keys per channel (groups of tokens), values per token
+            groups = numel // group
+            quant_bytes = numel * 2 + numel * bits // 8 + 2 * 2 * groups  # read fp16, write codes + pairs
+            deq_bytes = numel * bits // 8 + 2 * 2 * groups + numel * 2
+            common = dict(base, bits=bits, layout="per_channel" if axis == 2 else "per_token")
+            q = quantize_torch(x, bits, group, axis)
+            impls = [
+                ("torch", "quant", lambda b=bits, a=axis: quantize_torch(x, b, group, a), quant_bytes),
+                ("torch", "dequant", lambda q=q: dequantize_torch(q), deq_bytes),
+            ]
+            if use_triton:
+                got = quantize_triton(x, bits, group, axis)
+                assert torch.equal(got.packed, q.packed) and torch.equal(got.scale, q.scale), "triton differs"
+                impls += [
+                    ("triton", "quant", lambda b=bits, a=axis: quantize_triton(x, b, group, a), quant_bytes),
+                    ("triton", "dequant", lambda q=q: dequantize_triton(q), deq_bytes),
+                ]
+            for backend, op, fn, nbytes in impls:
+                row = dict(common, impl=f"{backend} {op} {name}", bytes=nbytes, **_time(fn, device, repeats))
+                row["gbps"] = nbytes / (row["ms_min"] * 1e6)
+                for key in ("copy_gbps", "nominal_gbps"):
+                    if bw and bw.get(key):
+                        row[f"frac_{key.removesuffix('_gbps')}"] = row["gbps"] / bw[key]
+                rows.append(row)
+    rows += _bench_decode(x, group, device, repeats, use_triton, bw, base)
+    return rows
+
+
+def _bench_decode(
+    x: torch.Tensor,
+    group: int,
+    device: torch.device,
+    repeats: int,
+    use_triton: bool,
+    bw: dict | None,
+    base: dict,
+) -> list[dict]:
+    """Decode attention (one query per head) over the cache ``x`` quantized 4-bit K / 2-bit V (ZipVL's mix):
+    dequantize-then-SDPA (torch, and with the Triton dequantize) against the fused kernel. ``bytes`` is the
+    quantized cache, the least any of them must read, so GB/s is an effective figure."""
+    from mmcompress.kernels.kvquant import (
+        decode_attention_torch,
+        decode_attention_triton,
+        dequantize_triton,
+        quantize_torch,
+    )
+
+    k, v = quantize_torch(x, 4, group, 2), quantize_torch(x, 2, group, 3)
+    q = x[:, :, -1].contiguous()  # [1, heads, dim]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    impls = [("torch attend", lambda: decode_attention_torch(q, k, v))]
+    if use_triton:
+
+        def deq_sdpa() -> torch.Tensor:
+            kd, vd = dequantize_triton(k), dequantize_triton(v)
+            return sdpa(q[:, :, None], kd, vd)[:, :, 0]
+
+        err = (decode_attention_triton(q, k, v).float() - deq_sdpa().float()).abs().max().item()
+        assert err < 5e-3, f"fused decode attention differs from dequantize-then-SDPA by {err}"
+        impls += [("triton deq+sdpa", deq_sdpa), ("triton fused", lambda: decode_attention_triton(q, k, v))]
+    rows = []
+    nbytes = k.nbytes + v.nbytes
+    for impl, fn in impls:
+        row = dict(base, bits="4/2", layout="decode", impl=impl, bytes=nbytes, **_time(fn, device, repeats))
+        row["gbps"] = nbytes / (row["ms_min"] * 1e6)
+        if bw and bw.get("copy_gbps"):
+            row["frac_copy"] = row["gbps"] / bw["copy_gbps"]
+        rows.append(row)
+    return rows
 
 
 def _bench_divprune(
@@ -239,6 +312,9 @@ def run_bench(
 
     use_triton = dev.type == "cuda" and triton_available()
     out = {"machine": machine(dev), "repeats": repeats, "rows": []}
+    bw = bandwidth(dev) if "kvquant" in kernels else None
+    if bw is not None:
+        out["bandwidth"] = bw
     if not use_triton:
         out["note"] = (
             "Triton rows need CUDA (interpreter timings are not speed); GPU figures are still to be taken"
@@ -252,15 +328,15 @@ def run_bench(
                 rows = _bench_divprune(n, k, dim, dev, repeats, use_triton)
             elif name == "topk":
                 rows = _bench_topk(n, k, dev, repeats, use_triton)
+            elif name == "kvquant":
+                rows = _bench_kvquant(n, dev, repeats, use_triton, bw)
             else:
                 rows = _bench_merge(n, dim, dev, repeats, use_triton)
             for row in rows:
                 log(format_rows([row], header=False))
             out["rows"].extend(rows)
     if json_out is not None:
-        path = Path(json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1) + "\n")
+        write_json_atomic(json_out, out)
     return out
 
 
@@ -269,12 +345,13 @@ def format_rows(rows: list[dict], header: bool = True) -> str:
         [f"{'kernel':9} {'impl':18} {'N':>6} {'K/r':>6} {'median ms':>10} {'min ms':>9}"] if header else []
     )
     for r in rows:
-        kr = r.get("K", r.get("r", ""))
+        kr = r.get("K", r.get("r", r.get("bits", "")))
         if "skipped" in r:
             lines.append(f"{r['kernel']:9} {r['impl']:18} {r['N']:>6} {kr:>6}   skipped: {r['skipped']}")
         else:
             t = f"{r['ms_median']:>10.3f} {r['ms_min']:>9.3f}"
-            lines.append(f"{r['kernel']:9} {r['impl']:18} {r['N']:>6} {kr:>6} {t}")
+            gbps = f" {r['gbps']:8.1f} GB/s" if "gbps" in r else ""
+            lines.append(f"{r['kernel']:9} {r['impl']:18} {r['N']:>6} {kr:>6} {t}{gbps}")
     return "\n".join(lines)
 
 
