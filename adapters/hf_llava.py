@@ -1,5 +1,6 @@
-"""transformers LLaVA-1.5 (``LlavaForConditionalGeneration``) and LLaVA-NeXT AnyRes
-(``LlavaNextForConditionalGeneration``), transformers 5.x.
+"""transformers LLaVA-1.5 (``LlavaForConditionalGeneration``), LLaVA-NeXT AnyRes
+(``LlavaNextForConditionalGeneration``) and LLaVA-OneVision images
+(``LlavaOnevisionForConditionalGeneration``), transformers 5.x.
 
 Hook points (reference §1, §2.1–2.2, §3.3):
 
@@ -13,12 +14,27 @@ Hook points (reference §1, §2.1–2.2, §3.3):
   swaps in the kept features, and remembers the shortened prefix mask; at decode steps it translates
   generate's full-length 2-D mask (and, for compact positions, the positions) to the shortened cache.
 * ``model.forward`` is shadowed only to shrink ``labels`` for log-likelihood evaluation.
+
+LLaVA-OneVision (reference §2.3) packs an image like LLaVA-NeXT (thumbnail, then the stitched, unpadded
+crops with a newline per row; one view plus one newline for the images of a multi-image sample,
+``batch_num_images``), with two differences the layout follows: its SigLIP tower has no CLS token (methods
+asking for CLS attention are refused in :meth:`HFLlavaAdapter.check`), and when the unpadded crop grid
+exceeds ``vision_aspect_ratio="anyres_max_<m>"`` (``sqrt(R*C / (m*h*w)) > 1.1``) it is bilinearly
+downscaled to ``int(R // ratio) x int(C // ratio)`` before the newlines are appended. Such a crops view is
+laid out as one resampled grid (``tiles=(1, 1)``, ``tile_shape=(rows, cols)``), and its vision-tower
+signals are resampled the same way: the per-crop maps go through the model's own
+``pack_image_features`` (heads as channels, no newline), so the image's signal is ``[2, heads, T']`` (the
+thumbnail, then the resampled crops grid; each view's values are its last ``rows * cols`` columns, the
+columns before them are zeros). That resampling is ours: no official method scores downscaled grids.
+Videos (``pixel_values_videos``) are not compressed yet and raise.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -36,15 +52,21 @@ __all__ = ["HFLlavaAdapter"]
 _SUPPORTED = {
     "LlavaForConditionalGeneration": "single",
     "LlavaNextForConditionalGeneration": "anyres",
+    "LlavaOnevisionForConditionalGeneration": "anyres",
 }
+_CLS_KINDS = ("cls", "cls_logits")
 
 
-def _index_canvas_unpad(rows: int, cols: int, image_size: Any) -> tuple[int, int, int, int]:
-    """Run transformers' own ``unpad_image`` on an index canvas to learn what it keeps.
+def _index_canvas_unpad(
+    rows: int, cols: int, image_size: Any, unpad_image: Any = None
+) -> tuple[int, int, int, int]:
+    """Run transformers' own ``unpad_image`` (LLaVA-NeXT's unless another is given) on an index canvas
+    to learn what it keeps.
 
     Returns ``(new_rows, new_cols, top, left)`` — exact by construction, whatever rounding it uses.
     """
-    from transformers.models.llava_next.modeling_llava_next import unpad_image
+    if unpad_image is None:
+        from transformers.models.llava_next.modeling_llava_next import unpad_image
 
     canvas = torch.arange(rows * cols).view(1, rows, cols)
     out = unpad_image(canvas, image_size)
@@ -68,6 +90,7 @@ class HFLlavaAdapter(LabelShrinking, Adapter):
     families = (
         "LLaVA-1.5 (transformers LlavaForConditionalGeneration)",
         "LLaVA-NeXT AnyRes (transformers LlavaNextForConditionalGeneration)",
+        "LLaVA-OneVision images (transformers LlavaOnevisionForConditionalGeneration)",
     )
     layouts = ("single", "anyres")
     _pos_keys_1d: ClassVar[tuple[str, ...]] = ("token_type_ids", "mm_token_type_ids")
@@ -81,6 +104,9 @@ class HFLlavaAdapter(LabelShrinking, Adapter):
         self.base = model.model
         self.config = model.config
         self.token_id = int(model.config.image_token_id)
+        # the family's own AnyRes helpers (get_anyres_image_grid_shape, unpad_image, ...)
+        self._mod = importlib.import_module(type(model).__module__)
+        self._onevision = type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
         self.probes: list[AttentionProbe] = []
         self._selected: dict[int, tuple[torch.Tensor, Selection]] = {}
         self._prepared: dict[int, torch.Tensor] = {}
@@ -110,8 +136,29 @@ class HFLlavaAdapter(LabelShrinking, Adapter):
                 f"keep={keep} exceeds the {n} visual tokens per image of this model "
                 f"(config.image_seq_length); allowed: 1..{n} or a fraction in (0, 1]"
             )
+        tower = self.base.vision_tower
+        cls_sigs = sorted((s for s in method.needs() if s.kind in _CLS_KINDS), key=str)
+        # OneVision's SigLIP tower never has a CLS token: refuse before patching. (A LLaVA-1.5 / NeXT
+        # model given a CLS-less tower is refused by the CLS methods themselves at call time.)
+        if cls_sigs and self._onevision and prefix_tokens(tower) == 0:
+            raise ValueError(
+                f"method {method.name!r} needs {cls_sigs[0]} (CLS-token attention), but the "
+                f"{type(tower).__name__} vision tower of this {type(self.model).__name__} has no CLS "
+                f"token; methods scoring with attention received (kinds 'received', 'received_logits', "
+                f"'given_logits') work"
+            )
+        packer = getattr(self.config, "tokenpacker", None)
+        scale = int(packer.get("scale") or 1) if isinstance(packer, dict) else 1
+        if method.needs() and scale != 1:
+            sig = sorted(method.needs(), key=str)[0]
+            raise ValueError(
+                f"method {method.name!r} needs {sig} (vision-tower attention per patch of the "
+                f"{self._patch_grid()}x{self._patch_grid()} grid), but the TokenPacker projector of this "
+                f"model packs each {scale}x{scale} patch region into one visual token, so the scores do not "
+                f"map onto its tokens; methods without vision-tower signals work"
+            )
         if method.needs():
-            mods = vision_attention_modules(self.base.vision_tower)
+            mods = vision_attention_modules(tower)
             for sig in method.needs():
                 if not -len(mods) <= sig.layer < len(mods):
                     raise ValueError(
@@ -161,39 +208,71 @@ class HFLlavaAdapter(LabelShrinking, Adapter):
             return Layout((GridView("cls", 0, 1, 1), GridView("base", 1, rows, cols)))
         raise ValueError(f"cannot lay out {n} visual tokens on a {rows}x{cols} patch grid")
 
-    def _anyres_layout(self, n: int, image_size: Any) -> Layout:
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
-
+    def _anyres_layout(self, n: int, image_size: Any, aspect: str | None = None) -> tuple[Layout, bool]:
+        """The image's AnyRes layout and whether its crop grid was downscaled (OneVision ``aspect``)."""
         h = w = self._patch_grid()
         base = GridView("base", 0, h, w)
-        if n == h * w + 1:  # a single patch: thumbnail + one trailing newline (LlavaNext pack_image_features)
-            return Layout((base, GridView("newline", h * w, 1, 1)))
-        nph, npw = get_anyres_image_grid_shape(
+        if n == h * w + 1:  # a single patch: thumbnail + one trailing newline (pack_image_features)
+            return Layout((base, GridView("newline", h * w, 1, 1))), False
+        nph, npw = self._mod.get_anyres_image_grid_shape(
             image_size, self.config.image_grid_pinpoints, self.config.vision_config.image_size
         )
-        rows, cols, top, left = _index_canvas_unpad(nph * h, npw * w, image_size)
-        crops = GridView(
-            "crops", h * w, rows, cols, newline=True, tiles=(nph, npw), tile_shape=(h, w), offset=(top, left)
-        )
+        rows, cols, top, left = _index_canvas_unpad(nph * h, npw * w, image_size, self._mod.unpad_image)
+        ratio = 0.0
+        if aspect is not None:  # LlavaOnevisionModel.pack_image_features: "anyres_max_<m>" caps R*C
+            ratio = math.sqrt(rows * cols / (int(aspect.removeprefix("anyres_max_")) * h * h))
+        if ratio > 1.1:  # bilinearly downscaled: one resampled grid, no longer made of crop patches
+            crops = GridView("crops", h * w, int(rows // ratio), int(cols // ratio), newline=True)
+        else:
+            crops = GridView(
+                "crops",
+                h * w,
+                rows,
+                cols,
+                newline=True,
+                tiles=(nph, npw),
+                tile_shape=(h, w),
+                offset=(top, left),
+            )
         layout = Layout((base, crops))
         if layout.num_tokens != n:
             raise ValueError(
                 f"AnyRes layout mismatch: computed {layout.num_tokens} tokens for image size "
                 f"{list(image_size)}, the model packed {n}"
             )
-        return layout
+        return layout, ratio > 1.1
 
-    def _views_per_image(self, image_sizes: Any, num_images: int) -> list[int]:
+    def _views_per_image(self, image_sizes: Any, layouts: list[Layout]) -> list[int]:
+        """Vision-tower views (thumbnail + crops) of each image, in the order the tower saw them."""
         if self.layout_kind() == "single":
-            return [1] * num_images
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
+            return [1] * len(layouts)
         return [
-            image_size_to_num_patches(
+            1  # thumbnail + newline only: one view (a OneVision multi-image sample, batch_num_images)
+            if lay.views[-1].name == "newline"
+            else self._mod.image_size_to_num_patches(
                 s, self.config.image_grid_pinpoints, self.config.vision_config.image_size
             )
-            for s in image_sizes
+            for s, lay in zip(image_sizes, layouts)
         ]
+
+    def _downscaled_signal(self, chunk: torch.Tensor, image_size: Any, aspect: str) -> torch.Tensor:
+        """``[1 + crops, heads, T]`` signal of an image whose crop grid OneVision downscaled ->
+        ``[2, heads, T']``: the thumbnail row, then the crops resampled by the model's own
+        ``pack_image_features`` (heads as channels, no newline), each right-aligned, zeros before."""
+        hw = self._patch_grid() ** 2
+        prefix = chunk.shape[-1] - hw  # CLS / register columns: not patches, not resampled
+        packed, _ = self.base.pack_image_features(
+            [chunk[:, :, prefix:].transpose(1, 2)],
+            [image_size],
+            image_newline=None,
+            vision_aspect_ratio=aspect,
+        )
+        crops = packed[0][hw:].T  # [heads, rows * cols]
+        width = max(chunk.shape[-1], crops.shape[-1])
+        out = chunk.new_zeros(2, chunk.shape[1], width)
+        out[0, :, width - chunk.shape[-1] :] = chunk[0]
+        out[1, :, width - crops.shape[-1] :] = crops
+        return out
 
     # -- the hooks ---------------------------------------------------------------------------------
     def _get_image_features(self, *args, **kwargs):
@@ -208,18 +287,24 @@ class HFLlavaAdapter(LabelShrinking, Adapter):
         feats = list(out.pooler_output)
         pixel_values = bound.get("pixel_values")
         image_sizes = bound.get("image_sizes")
+        scaled, aspect = [False] * len(feats), None
         if self.layout_kind() == "anyres":
-            layouts = [self._anyres_layout(f.shape[0], s) for f, s in zip(feats, image_sizes)]
+            if self._onevision:
+                aspect = bound.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+            both = [self._anyres_layout(f.shape[0], s, aspect) for f, s in zip(feats, image_sizes)]
+            layouts, scaled = [b[0] for b in both], [b[1] for b in both]
         else:
             shape = tuple(pixel_values.shape) if pixel_values is not None else None
             layouts = [self._single_layout(f.shape[0], shape) for f in feats]
-        views = self._views_per_image(image_sizes, len(feats))
+        views = self._views_per_image(image_sizes, layouts)
         signals: list[dict] = [{} for _ in feats]
         for p in self.probes:
             if p.value is None:
                 raise RuntimeError(f"probe for {p.signal} did not fire during the vision forward")
             for i, chunk in enumerate(torch.split(p.value, views)):
-                signals[i][p.signal] = chunk
+                signals[i][p.signal] = (
+                    self._downscaled_signal(chunk, image_sizes[i], aspect) if scaled[i] else chunk
+                )
         selections = self.handle.select(feats, layouts, signals)
         self._selected = {id(f): (f, s) for f, s in zip(feats, selections)}
         return out.to_tuple() if want_tuple else out
@@ -263,6 +348,11 @@ class HFLlavaAdapter(LabelShrinking, Adapter):
         past = pkv.get_seq_length() if pkv is not None else 0
         mm = dict(kw.get("mm_encoder_outputs") or {})
         enc = mm.get("image")
+        if mm.get("video") is not None or kw.get("pixel_values_videos") is not None:
+            raise ValueError(
+                f"mmcompress compresses {type(self.model).__name__} images only; got a video "
+                f"(pixel_values_videos). Run it uncompressed inside `with mmcompress.disabled(model):`"
+            )
         if enc is None and kw.get("pixel_values") is not None:
             enc = self._encode(kw)
         if enc is not None:
@@ -373,7 +463,13 @@ class HFLlavaAdapter(LabelShrinking, Adapter):
         )
         self._prepared = {id(f): f for f in new_enc.pooler_output}
         new.pop("pixel_values", None)
-        for k in ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy"):
+        for k in (
+            "image_sizes",
+            "vision_feature_layer",
+            "vision_feature_select_strategy",
+            "vision_aspect_ratio",
+            "batch_num_images",
+        ):
             new.pop(k, None)
         new["mm_encoder_outputs"] = {"image": new_enc}
         return new

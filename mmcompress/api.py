@@ -168,25 +168,13 @@ def compress(
             (renumber the shortened prompt 0..L'-1, as the official LLaVA-codebase methods do).
 
     Returns the :class:`Handle`. Every check runs before anything is patched, so a bad call leaves the
-    model as it was; a second call replaces the first.
+    model as it was; a second call replaces the first. A method that cannot run on this model family
+    raises an error naming the families it supports (:mod:`mmcompress.support`).
     """
-    from mmcompress.adapters.base import find_adapter
-
     check_choice(positions, "positions", POSITIONS)
     cfg, inllm, kv = _as_stages(method, kwargs)
     handle = Handle(model, cfg, positions, kv=kv, inllm=inllm)
-    adapter = kv_patch = inllm_patch = None
-    if cfg is not None:
-        adapter = find_adapter(model)(model, handle)
-        adapter.check()
-    if inllm is not None:  # hooks on the decoder itself: no adapter needed
-        inllm_patch = inllm.make_patch(model, handle)
-        inllm_patch.check()
-    if kv is not None:  # a cache method needs no adapter: any transformers decoder LLM or VLM
-        from .kv.method import CachePatch
-
-        kv_patch = CachePatch(model, handle, kv)
-        kv_patch.check()
+    adapter, inllm_patch, kv_patch = _check_stages(model, handle, name_families=True)
     restore(model)
     handle.adapter, handle.kv_patch, handle.inllm_patch = adapter, kv_patch, inllm_patch
     try:
@@ -200,6 +188,39 @@ def compress(
         raise
     setattr(model, _ATTR, handle)
     return handle
+
+
+def _check_stages(model: nn.Module, handle: Handle, name_families: bool = False) -> tuple[Any, Any, Any]:
+    """Build the ``(adapter, in-LLM patch, KV-cache patch)`` of ``handle``'s methods for ``model`` and run
+    their checks; nothing is installed. :mod:`mmcompress.support` derives the support matrix from exactly
+    these checks. With ``name_families``, an error of a method the matrix marks "n/a" for this model's
+    family gets the families that method supports appended to its message."""
+    from mmcompress.adapters.base import find_adapter
+
+    from .kv.method import CachePatch
+
+    stages = (
+        (handle.method, lambda: find_adapter(model)(model, handle)),
+        # hooks on the decoder itself: no adapter needed
+        (handle.inllm, lambda: handle.inllm.make_patch(model, handle)),
+        # a cache method needs no adapter: any transformers decoder LLM or VLM
+        (handle.kv, lambda: CachePatch(model, handle, handle.kv)),
+    )
+    parts: list[Any] = []
+    for cfg, make in stages:
+        part = None
+        if cfg is not None:
+            try:
+                part = make()
+                part.check()
+            except (ValueError, TypeError) as e:
+                if name_families:
+                    from .support import name_supported_families
+
+                    name_supported_families(e, model, cfg.name)
+                raise
+        parts.append(part)
+    return parts[0], parts[1], parts[2]
 
 
 def _handle(model: nn.Module) -> Handle | None:

@@ -341,6 +341,8 @@ def test_probe_blocks_are_full_attention(models):
     # Qwen2.5 tiny: fullatt_block_indexes=[1, 3]; windowed 0 -> 1, windowed 2 -> 1 or 3: the later one
     assert [probe_block(q25, layer) for layer in (0, 1, 2, 3, -2, -1)] == [1, 1, 3, 3, 3, 3]
     handle = mmc.compress(models["2.5"], "fopru", keep=0.25)  # layer=-2 (block 2) is windowed
+    assert handle.adapter.probe_blocks == {VitAttention(-2, "received"): 3}
+    handle = mmc.compress(models["2.5"], "fopru", keep=0.25, significance="logits")
     assert handle.adapter.probe_blocks == {
         VitAttention(-2, "received_logits"): 3,
         VitAttention(-2, "given_logits"): 3,

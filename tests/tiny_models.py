@@ -254,3 +254,54 @@ def qwen_batch(
             out[pix_key] = torch.randn(int(grid.prod(-1).sum()), QWEN_PATCH_DIM, generator=g)
             out[grid_key] = grid
     return out
+
+
+# -- LLaVA-OneVision (reference §2.3, §9 tiny_next.py "onevision") ---------------------------------------
+OV_VID = QWEN_VID  # video placeholder id of the tiny OneVision model
+
+
+def tiny_onevision(seed: int = 0, attn: str = "sdpa", aspect: str = "anyres_max_9"):
+    """LLaVA-OneVision shaped: SigLIP tower (no CLS; 32 px, 8 px patches -> 4x4), strategy "full", layer -1,
+    AnyRes pinpoints like tiny LLaVA-NeXT, Qwen2 text model. ``aspect="anyres_max_1"`` makes every
+    multi-crop image's grid downscaled (pack_image_features' bilinear branch)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
+
+    torch.manual_seed(seed)
+    vc = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        vision_use_head=False,
+    )
+    cfg = LlavaOnevisionConfig(
+        vision_config=vc,
+        text_config=Qwen2Config(**text_config().to_dict()),
+        image_token_index=IMG,
+        video_token_index=OV_VID,
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=aspect,
+    )
+    return LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+
+
+def onevision_batch(model, image_sizes=((40, 60), (64, 64)), seed: int = 0) -> dict:
+    """A left-padded LLaVA-OneVision batch (one image per row) with the exact token counts the model packs."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor(image_sizes)
+    n_patches = [image_size_to_num_patches(s, PINPOINTS, 32) for s in sizes]
+    pix = torch.randn(len(sizes), max(n_patches), 3, 32, 32, generator=g)
+    with torch.no_grad():
+        feats = model.model.get_image_features(
+            pixel_values=pix, image_sizes=sizes, return_dict=True
+        ).pooler_output
+    lens = [f.shape[0] for f in feats]
+    seqs = [[1, 5, 6] + [IMG] * lens[0] + [7, 8], [1, 5] + [IMG] * lens[1] + [7, 8, 9]][: len(lens)]
+    ids, am = left_padded(seqs)
+    return {"input_ids": ids, "attention_mask": am, "pixel_values": pix, "image_sizes": sizes}

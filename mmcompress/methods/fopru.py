@@ -37,8 +37,9 @@ with the *mean* query (key), i.e. similarity to the average patch, so it ranks t
 on images with a large uniform background, the background — highest. Measured on the embedded
 ``shapes-llava`` (40 ShapesVQA test images, keep 0.25): "logits" kept 0 % of the object patches,
 "received" 42 % (random 25 %, HiRED 99.8 %); ShapesVQA accuracy at n=500 and keep 0.5 / 0.25 / 0.11:
-"logits" 0.318 / 0.316 / 0.318, "received" 0.504 / 0.496 / see ``evals/results/`` (random 0.494 / 0.450
-/ 0.386). ``significance="logits"`` remains for parity with HydraInfer.
+"logits" 0.318 / 0.316 / 0.318, "received" 0.504 / 0.496 / 0.514, random 0.494 / 0.450 / 0.386
+(``evals/results/compare_all_shapes-llava_n500.json``). ``significance="logits"`` remains for parity
+with HydraInfer.
   The patch columns are the last ``rows·cols`` of a signal (CLS / register columns before them dropped).
 
 Ties: ranking uses a stable descending sort, so equal scores keep the lower index first (deterministic
