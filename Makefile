@@ -7,7 +7,7 @@ SEED ?= 0
 # a fresh run writes here (resumes if interrupted); the committed numbers live in evals/results/
 OUT ?= runs/compare_shapes-llava_n$(N)_seed$(SEED).json
 
-.PHONY: setup zoo compare test lint format clean train-llava train-next
+.PHONY: setup chromium zoo compare test lint format clean train-llava train-next
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,demo]"
 	$(BIN)/pip install -q triton==3.9.0
 	touch $@
 
@@ -41,7 +41,11 @@ train-next: setup
 	$(BIN)/python -m mmcompress.evals.train_shapes --model shapes-llava-next --init-from shapes-llava \
 		--images 1200 --steps 800 --lr 5e-4 --feature-cache $(FEATURES) --time-budget-min 40
 
-test: setup
+# The demo's browser test needs a real Chromium: Debian's package (playwright drives it; nothing is downloaded).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: setup chromium
 	$(BIN)/python -m pytest -q
 
 lint: setup

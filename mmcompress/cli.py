@@ -126,10 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     from mmcompress.evals.bench_kernels import add_arguments as add_bench_kernels_arguments
 
     b = sub.add_parser("bench", help="speed benchmarks (JSON with the device, versions and date)")
+    bench_sub = b.add_subparsers(dest="bench", required=True)
     add_bench_kernels_arguments(
-        b.add_subparsers(dest="bench", required=True).add_parser(
-            "kernels", help="each kernel vs its torch reference vs the official-style code"
-        )
+        bench_sub.add_parser("kernels", help="each kernel vs its torch reference vs the official-style code")
+    )
+    from mmcompress.evals.bench_e2e import add_arguments as add_bench_e2e_arguments
+
+    add_bench_e2e_arguments(
+        bench_sub.add_parser("e2e", help="TTFT, decode tok/s, memory, KV per method vs baseline and ideal")
     )
 
     from mmcompress.demos.app import add_arguments as add_demo_arguments  # gradio is imported on launch only
