@@ -158,7 +158,7 @@ def test_method_select_on_golden_significance(case: str, strategy: str, keep, ou
     cls_col = torch.full((logits.shape[0], 1), 9.0)  # a CLS column first, as the probes return it
     col = torch.cat([cls_col, logits.mean(dim=1)], dim=1)[None]  # [views=1, heads, 1 + 576]
     row = torch.cat([cls_col, logits.mean(dim=2)], dim=1)[None]
-    m = FoPru(keep=keep, strategy=strategy)
+    m = FoPru(keep=keep, strategy=strategy, significance="logits")  # the official HydraInfer signal
     tokens = VisualTokens(
         torch.zeros(GRID * GRID, 4),
         Layout.single(GRID, GRID),
