@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 import mmcompress as mmc
 from mmcompress import registry, zoo
 
+from .bench_common import cpu_name
 from .harness import timed_generate
 from .shapesvqa import FAMILIES, Sample, ShapesVQA, score
 
@@ -94,7 +94,7 @@ def machine_info(model) -> dict:
     """Where a row was measured (DESIGN §7: timings are meaningless without the device)."""
     param = next(model.parameters())
     dev = param.device
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
     return {
         "device": f"{dev.type}: {name}",
         "threads": torch.get_num_threads(),
@@ -102,16 +102,6 @@ def machine_info(model) -> dict:
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _not_applicable(model, method: str) -> str | None:

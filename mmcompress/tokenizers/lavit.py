@@ -50,6 +50,7 @@ from .config import (
     check_float,
     register_tokenizer,
 )
+from .seed import _Attention
 from .vq import LAVIT_OFFICIAL_LAYOUT, CosineCodebook, VocabLayout, check_ids, extend_vocab
 
 __all__ = [
@@ -401,19 +402,6 @@ class TokenMerger(nn.Module):
         return self.norm(x)
 
 
-class _DecoderSelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
-
-
 class _DecoderCrossAttention(nn.Module):
     """Queries attend to the padded code sequence; padding gets the official additive ``-10000``."""
 
@@ -439,7 +427,7 @@ class _DecoderBlock(nn.Module):
     def __init__(self, dim: int, heads: int, hidden: int, ln_eps: float) -> None:
         super().__init__()
         self.norm0 = _LayerNorm(dim, eps=ln_eps)
-        self.self_attn = _DecoderSelfAttention(dim, heads)
+        self.self_attn = _Attention(dim, heads)  # the same timm-style block as SEED's
         self.norm1 = _LayerNorm(dim, eps=ln_eps)
         self.cross_attn = _DecoderCrossAttention(dim, heads)
         self.norm2 = _LayerNorm(dim, eps=ln_eps)
