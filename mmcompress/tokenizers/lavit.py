@@ -51,7 +51,7 @@ from .config import (
     register_tokenizer,
 )
 from .seed import _Attention
-from .vq import LAVIT_OFFICIAL_LAYOUT, CosineCodebook, VocabLayout, check_ids, extend_vocab
+from .vq import LAVIT_OFFICIAL_LAYOUT, CosineCodebook, LlmVocabMixin, VocabLayout, check_ids
 
 __all__ = [
     "LavitConfig",
@@ -494,7 +494,7 @@ def _trunc_normal_init(module: nn.Module) -> None:
 
 
 # -- the tokenizer ------------------------------------------------------------------------------------
-class LavitTokenizer(nn.Module):
+class LavitTokenizer(LlmVocabMixin, nn.Module):
     """The LaVIT tokenizer (spec §3.1); submodule names are the official ``DynamicVisualTokenizer`` ones
     (``token_predictor``, ``causal_encoder``, ``quantize``, ``encode_task_layer``, ``vit_proj``) plus our
     optional ``decoder`` (:class:`LavitFeatureDecoder`, official ``tokenizer_decoder.bin`` names).
@@ -505,6 +505,9 @@ class LavitTokenizer(nn.Module):
             ``forward_features(return_all_features=True)``, no final norm); needed only to encode images.
             Not a submodule: not in the state dict, not moved by ``.to()``.
     """
+
+    _vocab_style: ClassVar[str] = "lavit"
+    _official_layout: ClassVar[VocabLayout] = LAVIT_OFFICIAL_LAYOUT
 
     def __init__(
         self,
@@ -730,21 +733,6 @@ class LavitTokenizer(nn.Module):
         return {"total": total, "rec": rec, "keep": keep, "vq": out.vq_loss}
 
     # -- LLM vocabulary -----------------------------------------------------------------------------
-    def extend_vocab(self, tokenizer: Any, model: Any, **kwargs: Any) -> VocabLayout:
-        """``[IMG]``, ``[/IMG]`` then one row per code (§3.1 step 6; :func:`~.vq.extend_vocab`
-        ``style="lavit"``: codes get no token strings, ids are injected). Stores and returns the layout."""
-        self.vocab = extend_vocab(tokenizer, model, self.config.codebook_size, style="lavit", **kwargs)
-        return self.vocab
-
-    def _layout(self, layout: VocabLayout | None) -> VocabLayout:
-        layout = layout or self.vocab or LAVIT_OFFICIAL_LAYOUT
-        if layout.num_codes != self.config.codebook_size:
-            raise ValueError(
-                f"vocab layout has {layout.num_codes} codes, the codebook {self.config.codebook_size}; call "
-                f"extend_vocab first"
-            )
-        return layout
-
     def to_llm_ids(
         self, ids: torch.Tensor, add_special: bool = True, layout: VocabLayout | None = None
     ) -> torch.Tensor:
@@ -752,9 +740,6 @@ class LavitTokenizer(nn.Module):
         :meth:`extend_vocab`, else the official one (32000 / 32001 / 32002+)."""
         check_ids(ids, self.config.codebook_size)
         return self._layout(layout).to_llm_ids(ids, add_special)
-
-    def from_llm_ids(self, llm_ids: torch.Tensor, layout: VocabLayout | None = None) -> torch.Tensor:
-        return self._layout(layout).from_llm_ids(llm_ids)
 
 
 # -- official checkpoint layout (§3.7) -----------------------------------------------------------------

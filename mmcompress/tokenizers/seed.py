@@ -45,7 +45,7 @@ from .config import (
     check_float,
     register_tokenizer,
 )
-from .vq import SEED_OFFICIAL_LAYOUT, EuclideanCodebook, VocabLayout, check_ids, extend_vocab
+from .vq import SEED_OFFICIAL_LAYOUT, EuclideanCodebook, LlmVocabMixin, VocabLayout, check_ids
 
 __all__ = [
     "SeedConfig",
@@ -252,7 +252,7 @@ def itc_loss(
 
 
 # -- the tokenizer ------------------------------------------------------------------------------------
-class SeedTokenizer(nn.Module):
+class SeedTokenizer(LlmVocabMixin, nn.Module):
     """The SEED tokenizer (spec §2.2-§2.4). Submodule names follow the official checkpoint except the
     Q-Former, which is transformers' ``Blip2QFormerModel`` (key map: :func:`official_key`).
 
@@ -264,6 +264,9 @@ class SeedTokenizer(nn.Module):
             ``encode(images)``; it is not a submodule, so it is not in the state dict (the official
             ``seed_quantizer.pt`` does not hold the ViT either) and is not moved by ``.to()``.
     """
+
+    _vocab_style: ClassVar[str] = "seed"
+    _official_layout: ClassVar[VocabLayout] = SEED_OFFICIAL_LAYOUT
 
     def __init__(
         self,
@@ -451,22 +454,6 @@ class SeedTokenizer(nn.Module):
         return {"total": total, "vq": out.vq_loss, "rec": rec, "img": img}
 
     # -- LLM vocabulary -----------------------------------------------------------------------------
-    def extend_vocab(self, tokenizer: Any, model: Any, **kwargs: Any) -> VocabLayout:
-        """Add ``<img_00000>``.. (one per code), ``<img>`` and ``</img>`` to ``tokenizer`` and resize
-        ``model``'s embeddings (§2.5; :func:`~.vq.extend_vocab` ``style="seed"``). Stores the layout in
-        ``self.vocab`` and returns it."""
-        self.vocab = extend_vocab(tokenizer, model, self.config.codebook_size, style="seed", **kwargs)
-        return self.vocab
-
-    def _layout(self, layout: VocabLayout | None) -> VocabLayout:
-        layout = layout or self.vocab or SEED_OFFICIAL_LAYOUT
-        if layout.num_codes != self.config.codebook_size:
-            raise ValueError(
-                f"vocab layout has {layout.num_codes} codes, the codebook {self.config.codebook_size}; call "
-                f"extend_vocab first"
-            )
-        return layout
-
     def to_llm_ids(
         self, ids: torch.Tensor, add_special: bool = True, layout: VocabLayout | None = None
     ) -> torch.Tensor:
@@ -474,10 +461,6 @@ class SeedTokenizer(nn.Module):
         after :meth:`extend_vocab`, else the official SEED-LLaMA one."""
         check_ids(ids, self.config.codebook_size)
         return self._layout(layout).to_llm_ids(ids, add_special)
-
-    def from_llm_ids(self, llm_ids: torch.Tensor, layout: VocabLayout | None = None) -> torch.Tensor:
-        """One image's LLM ids ``[n]`` -> code ids ``[n]``."""
-        return self._layout(layout).from_llm_ids(llm_ids)
 
 
 # -- official checkpoint layout (seed_quantizer.pt, §2.7 key map) --------------------------------------

@@ -17,7 +17,7 @@ Vocabulary of this module:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torch import nn
 from ..config import check_int
 
 __all__ = [
+    "LlmVocabMixin",
     "check_ids",
     "nearest_code",
     "VQOutput",
@@ -510,3 +511,36 @@ def extend_vocab(
         if rows != layout.vocab_size:  # pad_to_multiple_of rounded up
             layout = dataclasses.replace(layout, vocab_size=rows)
     return layout
+
+
+class LlmVocabMixin:
+    """The LLM-vocabulary plumbing SEED and LaVIT share (SEED §2.5, LaVIT §3.1 step 6).
+
+    A tokenizer module sets ``_vocab_style`` (``"seed"``: one token string per code; ``"lavit"``: codes
+    get no strings, ids are injected) and ``_official_layout`` (the released model's ids), and holds
+    ``self.config.codebook_size`` and ``self.vocab`` (``None`` until :meth:`extend_vocab`).
+    """
+
+    _vocab_style: ClassVar[str]
+    _official_layout: ClassVar[VocabLayout]
+
+    def extend_vocab(self, tokenizer: Any, model: Any, **kwargs: Any) -> VocabLayout:
+        """Add the image tokens to ``tokenizer`` and resize ``model``'s embeddings (:func:`extend_vocab`
+        in this module's style); stores the layout in ``self.vocab`` and returns it."""
+        self.vocab = extend_vocab(
+            tokenizer, model, self.config.codebook_size, style=self._vocab_style, **kwargs
+        )
+        return self.vocab
+
+    def _layout(self, layout: VocabLayout | None) -> VocabLayout:
+        layout = layout or self.vocab or self._official_layout
+        if layout.num_codes != self.config.codebook_size:
+            raise ValueError(
+                f"vocab layout has {layout.num_codes} codes, the codebook {self.config.codebook_size}; call "
+                f"extend_vocab first"
+            )
+        return layout
+
+    def from_llm_ids(self, llm_ids: torch.Tensor, layout: VocabLayout | None = None) -> torch.Tensor:
+        """LLM ids -> code ids (same shape), under ``layout`` / ``self.vocab`` / the official layout."""
+        return self._layout(layout).from_llm_ids(llm_ids)
