@@ -106,15 +106,7 @@ class MethodConfig:
 
         if "method" not in d:
             raise ValueError(f"config dict has no 'method' key: {d!r}")
-        d = dict(d)
-        cls = get(d.pop("method"))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"unknown field(s) {sorted(unknown)} for method {cls.name!r}; allowed: {sorted(known)}"
-            )
-        return cls(**d)
+        return config_from_tagged_dict(d, "method", get)
 
     @staticmethod
     def from_json(s: str) -> MethodConfig:
@@ -180,3 +172,17 @@ class InLLMMethod(MethodConfig):
     def cache_method(self) -> CacheMethod | None:
         """The KV-cache method this method needs installed alongside it (None: the model's own cache)."""
         return None
+
+
+def config_from_tagged_dict(d: dict[str, Any], tag: str, lookup: Any) -> Any:
+    """``{tag: name, **fields}`` -> ``lookup(name)(**fields)``; unknown fields raise naming them and the
+    allowed ones. Shared by method configs (``"method"``) and tokenizer configs (``"tokenizer"``)."""
+    d = dict(d)
+    cls = lookup(d.pop(tag))
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(
+            f"unknown field(s) {sorted(unknown)} for {tag} {cls.name!r}; allowed: {sorted(known)}"
+        )
+    return cls(**d)

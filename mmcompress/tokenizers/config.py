@@ -19,7 +19,7 @@ import json
 import math
 from typing import Any, ClassVar
 
-from ..config import check_int
+from ..config import check_int, config_from_tagged_dict
 
 __all__ = [
     "TokenizerConfig",
@@ -89,15 +89,7 @@ class TokenizerConfig:
     def from_dict(d: dict[str, Any]) -> TokenizerConfig:
         if not isinstance(d, dict) or "tokenizer" not in d:
             raise ValueError(f"tokenizer config dict has no 'tokenizer' key: {d!r}")
-        d = dict(d)
-        cls = get_tokenizer(d.pop("tokenizer"))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"unknown field(s) {sorted(unknown)} for tokenizer {cls.name!r}; allowed: {sorted(known)}"
-            )
-        return cls(**d)
+        return config_from_tagged_dict(d, "tokenizer", get_tokenizer)
 
     @staticmethod
     def from_json(s: str) -> TokenizerConfig:
