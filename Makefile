@@ -7,7 +7,7 @@ SEED ?= 0
 # a fresh run writes here (resumes if interrupted); the committed numbers live in evals/results/
 OUT ?= runs/compare_shapes-llava_n$(N)_seed$(SEED).json
 
-.PHONY: setup chromium zoo compare test lint format clean train-llava train-next
+.PHONY: setup chromium zoo compare test test-main test-clip lint format clean train-llava train-next
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,8 +45,25 @@ train-next: setup
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
-test: setup chromium
+# All tests: the main suite, then the environments that need other wheels than the main one.
+test: test-main test-clip
+
+test-main: setup chromium
 	$(BIN)/python -m pytest -q
+
+# The clip extra: open_clip needs torchvision, and PyPI's torchvision only loads beside PyPI's own (CUDA-build)
+# torch, not beside the local CPU wheel, so these tests get their own environment (~5 GB; the CUDA build runs
+# on a CPU-only machine). The local wheel directory is switched off so pip takes both from PyPI.
+CLIP_VENV ?= .venv-clip
+$(CLIP_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(CLIP_VENV)
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(CLIP_VENV)/bin/pip install -q --upgrade pip
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(CLIP_VENV)/bin/pip install -q torch==2.13.0 torchvision==0.28.0
+	PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(CLIP_VENV)/bin/pip install -q -e ".[clip]" pytest
+	touch $@
+
+test-clip: $(CLIP_VENV)/.installed
+	$(CLIP_VENV)/bin/python -m pytest -q tests_clip
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -55,4 +72,4 @@ format: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CLIP_VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -51,6 +51,56 @@ class Handle:
         self.last_report: CallReport | None = None
         self.adapter = None
         self.kv_patch = None
+        # external towers (mmcompress.towers): attention signals from another ViT; question relevance
+        self.signal_tower = None
+        self.relevance = None
+        self.question: str | tuple[str, ...] | None = None
+
+    # -- question relevance (compress(..., relevance=..., question=...)) --------------------------------
+    def set_question(self, question: str | Sequence[str] | None) -> None:
+        """The question the ``relevance=`` prefilter scores tokens against from the next call on: one
+        string for every image of a call, or one per image (the call's flattened image list)."""
+        from .towers import check_question
+
+        self.question = check_question(question)
+
+    @contextlib.contextmanager
+    def asking(self, question: str | Sequence[str]) -> Iterator[Handle]:
+        """``with handle.asking("What colour is the cube?"): model.generate(...)`` (previous one restored)."""
+        prev = self.question
+        self.set_question(question)
+        try:
+            yield self
+        finally:
+            self.question = prev
+
+    def tower_signals(self) -> frozenset:
+        """The method's signals that ``signal_tower`` produces (the adapter probes only the others)."""
+        from .towers import tower_signals
+
+        return tower_signals(self)
+
+    def tower_probes(self, vision_tower: nn.Module, patch_size: int) -> list:
+        """Probes on the VLM's ``vision_tower`` for ``signal_tower`` / ``relevance`` (none if unset)."""
+        from .towers import install_tower_probes
+
+        return install_tower_probes(self, vision_tower, patch_size)
+
+    def _text_embeddings(self, n_images: int) -> list[torch.Tensor] | None:
+        if self.relevance is None:
+            return None
+        q = self.question
+        if q is None:
+            raise ValueError(
+                "relevance= needs the question: pass question= to compress(), call handle.set_question(...), "
+                "or run generate() inside `with handle.asking(question):`"
+            )
+        texts = [q] * n_images if isinstance(q, str) else list(q)
+        if len(texts) != n_images:
+            raise ValueError(f"got {len(texts)} questions for the {n_images} images of this call")
+        uniq = sorted(set(texts))
+        emb = self.relevance.text_embeddings(uniq)
+        return [emb[uniq.index(t)] for t in texts]
 
     def __repr__(self) -> str:
         pre = self.method.to_dict() if self.method is not None else None
@@ -68,6 +118,7 @@ class Handle:
         rep = CallReport(method=self.method.to_dict())
         out = []
         t0 = time.perf_counter()
+        texts = self._text_embeddings(len(features))
         for i, (f, lay, sig) in enumerate(zip(features, layouts, signals)):
             if not torch.isfinite(f).all():
                 raise ValueError(
@@ -76,7 +127,12 @@ class Handle:
                 )
             tokens = VisualTokens(features=f, layout=lay, signals=sig, image_index=i)
             with torch.no_grad():
-                sel = self.method.select(tokens)
+                if texts is None:
+                    sel = self.method.select(tokens)
+                else:  # restrict the candidates to the most question-relevant tokens (mmcompress.towers)
+                    from .towers import prefilter_select
+
+                    sel = prefilter_select(self.method, tokens, texts[i], self.relevance.prefilter)
             _check_selection(sel, f.shape[0], self.method.name, i)
             out.append(sel)
             rep.images.append(ImageReport(f.shape[0], sel.num_kept, sel.indices.tolist(), lay))
@@ -153,6 +209,9 @@ def compress(
     method: str | MethodConfig | Sequence[MethodConfig],
     *,
     positions: str = "original",
+    signal_tower: Any = None,
+    relevance: Any = None,
+    question: str | Sequence[str] | None = None,
     **kwargs: Any,
 ) -> Handle:
     """Compress ``model``'s visual tokens from now on.
@@ -166,6 +225,12 @@ def compress(
             (``[mmc.AIMMerge(), mmc.AIM(), mmc.MixedKV()]``; ZipVL brings its own cache).
         positions: ``"original"`` (kept tokens keep their RoPE positions; default) or ``"compact"``
             (renumber the shortened prompt 0..L'-1, as the official LLaVA-codebase methods do).
+        signal_tower: a :class:`mmcompress.towers.SignalTower` (``OpenClipSignals``) computing the
+            method's vision-attention signals from the images instead of the model's own vision tower.
+        relevance: a :class:`mmcompress.towers.RelevanceSource` (``OpenClipRelevance``): the method only
+            picks among the top ``relevance.prefilter`` fraction of tokens by question relevance.
+        question: the question for ``relevance`` (one string, or one per image of a call); change it per
+            call with ``handle.set_question(...)`` or ``with handle.asking(...):``.
 
     Returns the :class:`Handle`. Every check runs before anything is patched, so a bad call leaves the
     model as it was; a second call replaces the first. A method that cannot run on this model family
@@ -174,7 +239,13 @@ def compress(
     check_choice(positions, "positions", POSITIONS)
     cfg, inllm, kv = _as_stages(method, kwargs)
     handle = Handle(model, cfg, positions, kv=kv, inllm=inllm)
+    _set_towers(handle, signal_tower, relevance, question)
     adapter, inllm_patch, kv_patch = _check_stages(model, handle, name_families=True)
+    if (signal_tower is not None or relevance is not None) and not getattr(adapter, "accepts_towers", False):
+        raise ValueError(
+            f"signal_tower= / relevance= are supported on the transformers LLaVA family only "
+            f"(not {type(model).__name__})"
+        )
     restore(model)
     handle.adapter, handle.kv_patch, handle.inllm_patch = adapter, kv_patch, inllm_patch
     try:
@@ -190,6 +261,60 @@ def compress(
     return handle
 
 
+def _set_towers(handle: Handle, signal_tower: Any, relevance: Any, question: Any) -> None:
+    """Validate and attach the external towers (mmcompress.towers) before anything is patched."""
+    if signal_tower is None and relevance is None and question is None:
+        return
+    from .towers import RelevanceSource, SignalTower
+
+    method = handle.method
+    if signal_tower is not None:
+        if not isinstance(signal_tower, SignalTower):
+            raise TypeError(
+                f"signal_tower must be a mmcompress.towers.SignalTower (e.g. "
+                f"mmcompress.towers.open_clip.OpenClipSignals), got {type(signal_tower).__name__}"
+            )
+        if method is None or not method.needs():
+            name = method.name if method is not None else None
+            raise ValueError(
+                f"signal_tower= computes vision-attention signals, but method {name!r} needs none"
+            )
+        signal_tower.check(method.needs())
+    if relevance is not None:
+        if not isinstance(relevance, RelevanceSource):
+            raise TypeError(
+                f"relevance must be a mmcompress.towers.RelevanceSource (e.g. "
+                f"mmcompress.towers.open_clip.OpenClipRelevance), got {type(relevance).__name__}"
+            )
+        if method is None:
+            raise ValueError("relevance= restricts a pre-LLM method's candidates; none was given")
+        if "single" not in method.layouts:
+            raise ValueError(
+                f"relevance= presents the candidates as one flat grid, but method {method.name!r} works on "
+                f"{' / '.join(method.layouts)} layouts only"
+            )
+        relevance.check()
+    elif question is not None:
+        raise ValueError("question= is read by relevance=; pass a relevance source too")
+    handle.signal_tower, handle.relevance = signal_tower, relevance
+    handle.set_question(question)
+
+
+def _transformers_5(cfg: Any) -> Any:
+    """``cfg`` if transformers is 5.x: in-LLM and KV-cache methods hook its attention / mask interfaces
+    and cache layers. The pre-LLM API also runs on transformers 4.x (the original LLaVA codebase pins
+    4.37)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        stage = "an in-LLM" if cfg.stage == "in_llm" else "a KV-cache"
+        raise ValueError(
+            f"method {cfg.name!r} is {stage} method and needs transformers>=5; installed: transformers "
+            f"{transformers.__version__}. Pre-LLM methods work with transformers 4.x"
+        )
+    return cfg
+
+
 def _check_stages(model: nn.Module, handle: Handle, name_families: bool = False) -> tuple[Any, Any, Any]:
     """Build the ``(adapter, in-LLM patch, KV-cache patch)`` of ``handle``'s methods for ``model`` and run
     their checks; nothing is installed. :mod:`mmcompress.support` derives the support matrix from exactly
@@ -202,9 +327,9 @@ def _check_stages(model: nn.Module, handle: Handle, name_families: bool = False)
     stages = (
         (handle.method, lambda: find_adapter(model)(model, handle)),
         # hooks on the decoder itself: no adapter needed
-        (handle.inllm, lambda: handle.inllm.make_patch(model, handle)),
+        (handle.inllm, lambda: _transformers_5(handle.inllm).make_patch(model, handle)),
         # a cache method needs no adapter: any transformers decoder LLM or VLM
-        (handle.kv, lambda: CachePatch(model, handle, handle.kv)),
+        (handle.kv, lambda: CachePatch(model, handle, _transformers_5(handle.kv))),
     )
     parts: list[Any] = []
     for cfg, make in stages:

@@ -151,6 +151,25 @@ def _llava_next() -> nn.Module:
     return _on_meta(LlavaNextForConditionalGeneration, cfg)
 
 
+def _llava_next_video() -> nn.Module:
+    """llava-hf/LLaVA-NeXT-Video-7B-hf: CLIP-L/336 AnyRes images (5 pinpoints), videos average-pooled with
+    stride 2 (24x24 -> 12x12 tokens per frame), Vicuna-7B (32 layers)."""
+    from transformers import LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    cfg = LlavaNextVideoConfig(
+        vision_config=_clip_l336(),
+        text_config=LlamaConfig(**_llama(32, 32064)),
+        image_token_index=32001,
+        video_token_index=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+        spatial_pool_mode="average",
+        spatial_pool_stride=2,
+    )
+    return _on_meta(LlavaNextVideoForConditionalGeneration, cfg)
+
+
 def _llava_tokenpacker() -> nn.Module:
     """The LLaVA-1.5 reference with TokenPacker (scale 2: 144 tokens, official layers 12/16/22/23)."""
     from mmcompress.adapters.hf_llava_tokenpacker import install_tokenpacker
@@ -243,6 +262,13 @@ _FAMILIES: tuple[Family, ...] = (
         "LlavaNextForConditionalGeneration",
         "llava-hf/llava-v1.6-vicuna-7b-hf",
         _llava_next,
+    ),
+    Family(
+        "llava-next-video",
+        "LLaVA-NeXT-Video",
+        "LlavaNextVideoForConditionalGeneration",
+        "llava-hf/LLaVA-NeXT-Video-7B-hf",
+        _llava_next_video,
     ),
     Family(
         "llava-tokenpacker",

@@ -290,15 +290,17 @@ def test_fopru_on_downscaled_grids(ov_small):
     assert torch.equal(seq, seq2) and (logits - logits2).abs().max() < LOGIT_TOL
 
 
-def test_video_raises_and_model_stays_usable(ov):
+def test_video_is_compressed_and_images_still_are(ov):
+    """Videos are compressed too (tests/test_adapter_video.py has the details)."""
     batch = onevision_batch(ov)
     ids, am = left_padded([[1, 5] + [OV_VID] * 9 + [7]])  # 2 frames of 2x2 pooled tokens + 1 newline
     video = dict(input_ids=ids, attention_mask=am, pixel_values_videos=torch.randn(1, 2, 3, 32, 32))
     with torch.no_grad():
         ov(**video)  # the unpatched model takes it
     mmc.compress(ov, "random", keep=0.5)
-    with pytest.raises(ValueError, match="compresses LlavaOnevisionForConditionalGeneration images only"):
-        ov(**video)
+    with torch.no_grad():
+        assert ov(**video).logits.shape[1] == ids.shape[1] - 5  # 4 of the 9 video tokens kept
+    assert mmc.report(ov).tokens_in == [9] and mmc.report(ov).tokens_out == [4]
     with mmc.disabled(ov):
         ov(**video)
     ov.generate(**batch, **GEN)

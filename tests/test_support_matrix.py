@@ -20,8 +20,10 @@ from tiny_models import (
     qwen_batch,
     tiny_llava,
     tiny_next,
+    tiny_next_video,
     tiny_onevision,
     tiny_qwen,
+    video_batch,
 )
 
 import mmcompress as mmc
@@ -53,6 +55,13 @@ def _next():
     return model, next_batch(model)
 
 
+def _next_video():
+    """Images only: HiRED and GlobalCom² take this family's images but refuse its videos (frame layouts;
+    tests/test_adapter_video.py runs every method on videos)."""
+    model = tiny_next_video()
+    return model, video_batch(model, rows=((("image", (40, 60)),), (("image", (64, 64)),)))
+
+
 def _onevision():
     model = tiny_onevision()
     return model, onevision_batch(model)
@@ -62,6 +71,7 @@ def _onevision():
 BUILDERS = {
     "llava-1.5": lambda: (tiny_llava(), llava_batch()),
     "llava-next": _next,
+    "llava-next-video": _next_video,
     "llava-tokenpacker": _tokenpacker,
     "llava-onevision": _onevision,
     "qwen2-vl": lambda: (tiny_qwen("2"), qwen_batch()),
@@ -87,7 +97,7 @@ def _patched(model) -> list[str]:
         k
         for m in mods
         if m is not None
-        for k in ("forward", "get_image_features", "generate")
+        for k in ("forward", "get_image_features", "get_video_features", "generate")
         if k in m.__dict__
     ]
     return names + [k for k in model.__dict__ if k.startswith("_mmcompress_handle")]
@@ -105,6 +115,7 @@ def test_matrix_covers_every_registered_method_and_family():
     assert keys == [
         "llava-1.5",
         "llava-next",
+        "llava-next-video",
         "llava-tokenpacker",
         "llava-onevision",
         "qwen2-vl",

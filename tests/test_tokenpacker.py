@@ -21,6 +21,7 @@ from transformers import (
 )
 
 import mmcompress as mmc
+from mmcompress import zoo
 from mmcompress.adapters.hf_llava_tokenpacker import hf_to_official_llava, resolve_layers
 from mmcompress.projectors import (
     TokenPacker,
@@ -421,6 +422,11 @@ def test_save_load_round_trip(tmp_path):
     assert (again["input_ids"] == proc2.tokenizer.image_token_id).sum(1).tolist() == [16, 16]
     with torch.no_grad():
         assert torch.equal(loaded(**again).logits, model(**inputs).logits)
+    # zoo.load (what `mmcompress compare --model FOLDER` uses) recognises the folder and installs TokenPacker
+    zoo_model, zoo_proc = zoo.load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(zoo_model(**again).logits, model(**inputs).logits)
+    assert zoo_model.config.tokenpacker["scale"] == 3
     uninstall_tokenpacker(loaded)
     assert proc2.patch_size == PATCH
     grid12_llava().save_pretrained(tmp_path / "plain")

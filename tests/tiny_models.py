@@ -305,3 +305,95 @@ def onevision_batch(model, image_sizes=((40, 60), (64, 64)), seed: int = 0) -> d
     seqs = [[1, 5, 6] + [IMG] * lens[0] + [7, 8], [1, 5] + [IMG] * lens[1] + [7, 8, 9]][: len(lens)]
     ids, am = left_padded(seqs)
     return {"input_ids": ids, "attention_mask": am, "pixel_values": pix, "image_sizes": sizes}
+
+
+# -- LLaVA-NeXT-Video (reference §2.4) and videos for LLaVA-NeXT-Video / LLaVA-OneVision ----------------
+NV_VID = QWEN_VID  # video placeholder id of the tiny LLaVA-NeXT-Video model (OneVision's is OV_VID, the same)
+
+
+def tiny_next_video(seed: int = 0, attn: str = "sdpa", pool_mode: str = "average"):
+    """LLaVA-NeXT-Video shaped: CLIP tower (32 px, 4 px patches -> 8x8 + CLS, strategy "default", layer -2),
+    AnyRes images with tiny LLaVA-NeXT's pinpoints, videos pooled by the resampler with stride 2 ->
+    4x4 = 16 tokens per frame, no newline."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vc = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=4,
+        projection_dim=32,
+    )
+    cfg = LlavaNextVideoConfig(
+        vision_config=vc,
+        text_config=text_config(),
+        image_token_index=IMG,
+        video_token_index=NV_VID,
+        image_grid_pinpoints=PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        spatial_pool_mode=pool_mode,
+        spatial_pool_stride=2,
+    )
+    return LlavaNextVideoForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+
+
+def video_batch(
+    model,
+    rows=((("video", None),), (("video", None),)),
+    frames: int = 3,
+    prefixes=([5, 6], [5]),
+    suffixes=([7, 8], [7, 8, 9]),
+    seed: int = 0,
+) -> dict:
+    """A left-padded LLaVA-NeXT-Video / LLaVA-OneVision batch. ``rows[i]`` lists row i's visual inputs in
+    order, each ``("image", (height, width))`` or ``("video", None)``; every video has ``frames`` frames of
+    32x32 px. Placeholder runs get the exact token counts of the model's own (class, never patched)
+    encoders. Returns ``input_ids``, ``attention_mask`` and, as present, ``pixel_values`` / ``image_sizes``
+    / ``pixel_values_videos``."""
+    g = torch.Generator().manual_seed(seed)
+    base = model.model
+    sizes = [s for items in rows for kind, s in items if kind == "image"]
+    n_videos = sum(kind == "video" for items in rows for kind, _ in items)
+    out: dict = {}
+    img_lens: list[int] = []
+    if sizes:
+        mod = __import__(type(base).__module__, fromlist=["image_size_to_num_patches"])
+        sizes_t = torch.tensor(sizes)
+        n_patches = [mod.image_size_to_num_patches(s, PINPOINTS, 32) for s in sizes_t]
+        out["pixel_values"] = torch.randn(len(sizes), max(n_patches), 3, 32, 32, generator=g)
+        out["image_sizes"] = sizes_t
+        with torch.no_grad():
+            feats = (
+                type(base)
+                .get_image_features(
+                    base, pixel_values=out["pixel_values"], image_sizes=sizes_t, return_dict=True
+                )
+                .pooler_output
+            )
+        img_lens = [f.shape[0] for f in feats]
+    vid_len = 0
+    if n_videos:
+        out["pixel_values_videos"] = torch.randn(n_videos, frames, 3, 32, 32, generator=g)
+        with torch.no_grad():
+            vid_len = (
+                type(base)
+                .get_video_features(base, pixel_values_videos=out["pixel_values_videos"], return_dict=True)
+                .pooler_output.shape[1]
+            )
+    vid = int(model.config.video_token_id)
+    seqs, img_i = [], 0
+    for items, pre, suf in zip(rows, prefixes, suffixes):
+        s = [1] + list(pre)
+        for kind, _ in items:
+            if kind == "image":
+                s += [IMG] * img_lens[img_i] + [3]
+                img_i += 1
+            else:
+                s += [vid] * vid_len + [3]
+        seqs.append(s + list(suf))
+    ids, am = left_padded(seqs)
+    return {"input_ids": ids, "attention_mask": am, **out}

@@ -37,8 +37,18 @@ def _class_for_folder(folder: Path):
     return model_class(model_type)
 
 
+def _is_tokenpacker_folder(folder: Path) -> bool:
+    """True for a :func:`~mmcompress.adapters.hf_llava_tokenpacker.save_tokenpacker_llava` folder."""
+    import json
+
+    cfg = folder / "config.json"
+    return cfg.is_file() and bool(json.loads(cfg.read_text()).get("tokenpacker"))
+
+
 def load(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """``(model, processor)`` for an embedded name, a local checkpoint folder, or a hub id.
+
+    A folder saved with TokenPacker installed (``config.tokenpacker``) comes back with it installed.
 
     Embedded names are assembled in the cache on first use (see :func:`checkpoint_dir`); a hub id is passed
     to ``from_pretrained`` as is (offline, transformers raises its own error).
@@ -54,6 +64,10 @@ def load(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, attn_i
         cls = model_class(str(name_or_path))
     elif Path(name_or_path).expanduser().is_dir():
         folder = Path(name_or_path).expanduser()
+        if _is_tokenpacker_folder(folder):  # a TokenPacker checkpoint needs its projector installed
+            from mmcompress.adapters.hf_llava_tokenpacker import load_tokenpacker_llava
+
+            return load_tokenpacker_llava(folder, dtype=dtype, attn_implementation=attn_implementation)
         cls = _class_for_folder(folder)
     else:
         folder, cls = str(name_or_path), AutoModelForImageTextToText
