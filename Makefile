@@ -7,7 +7,7 @@ SEED ?= 0
 # a fresh run writes here (resumes if interrupted); the committed numbers live in evals/results/
 OUT ?= runs/compare_shapes-llava_n$(N)_seed$(SEED).json
 
-.PHONY: setup chromium zoo compare test test-main test-clip lint format clean train-llava train-next
+.PHONY: setup chromium zoo compare test test-main test-clip test-llava lint format clean train-llava train-next
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -46,7 +46,7 @@ chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 # All tests: the main suite, then the environments that need other wheels than the main one.
-test: test-main test-clip
+test: test-main test-clip test-llava
 
 test-main: setup chromium
 	$(BIN)/python -m pytest -q
@@ -65,6 +65,11 @@ $(CLIP_VENV)/.installed: pyproject.toml
 test-clip: $(CLIP_VENV)/.installed
 	$(CLIP_VENV)/bin/python -m pytest -q tests_clip
 
+# The original LLaVA codebase (`llava-torch`) pins transformers 4.37: its adapter's tests run in .venv-llava.
+test-llava:
+	bash scripts/llava_env.sh
+	.venv-llava/bin/python -m pytest -q tests_llava
+
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
@@ -72,4 +77,4 @@ format: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(CLIP_VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CLIP_VENV) .venv-llava build dist *.egg-info .pytest_cache .ruff_cache

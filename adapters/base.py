@@ -57,7 +57,7 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
 
 
 def adapters() -> list[type[Adapter]]:
-    from . import hf_llava, hf_qwen2vl  # noqa: F401  (registers the built-in adapters)
+    from . import hf_llava, hf_qwen2vl, llava_original  # noqa: F401  (registers the built-in adapters)
 
     return list(_ADAPTERS)
 
