@@ -118,6 +118,33 @@ def build_tokenizer(args: argparse.Namespace, width: int) -> SeedTokenizer | Lav
     return LavitTokenizer(cfg)
 
 
+def load_trained_tokenizer(folder: str | Path) -> tuple[SeedTokenizer | LavitTokenizer, dict]:
+    """``(tokenizer, features)`` from a folder :func:`main` wrote (weights + ``config.json``).
+
+    The tokenizer comes back in eval mode (deterministic LaVIT selection, no dropout). ``features`` is the
+    ``config.json`` entry describing its inputs, with the standardisation as tensors: ``mean`` / ``std``
+    ``[C]`` (features are ``(x - mean) / std``, then ``pool_features(., pool)``), ``pool``, ``model``.
+    """
+    from safetensors.torch import load_file
+
+    from mmcompress.tokenizers import TokenizerConfig
+
+    folder = Path(folder)
+    for f in ("config.json", "tokenizer.safetensors"):
+        if not (folder / f).is_file():
+            raise FileNotFoundError(f"{folder / f} is missing; allowed: a folder written by train_tokenizers")
+    meta = json.loads((folder / "config.json").read_text())
+    cfg = TokenizerConfig.from_dict(meta["tokenizer"])
+    tok = SeedTokenizer(cfg) if isinstance(cfg, SeedConfig) else LavitTokenizer(cfg)
+    tok.load_state_dict(load_file(str(folder / "tokenizer.safetensors")))
+    if isinstance(tok, LavitTokenizer):
+        tok.quantize.reset_ema_()  # non-persistent EMA statistics restart from the loaded rows
+    feats = dict(meta["features"])
+    std = feats.pop("standardisation")
+    feats["mean"], feats["std"] = torch.tensor(std["mean"]), torch.tensor(std["std"])
+    return tok.eval(), feats
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.float(), b.float(), dim=-1).mean()
 
