@@ -168,13 +168,13 @@ class SeedPhase1:
 def phase2_seed_loss(tok: SeedTokenizer, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
     out = tok(features=x)
     losses = tok.losses(out, image_target=x.mean(dim=1))
-    return losses["total"], {k: float(v) for k, v in losses.items()}, out.ids
+    return losses["total"], {k: float(v.detach()) for k, v in losses.items()}, out.ids
 
 
 def lavit_loss(tok: LavitTokenizer, x: torch.Tensor, quantize: bool) -> tuple[torch.Tensor, dict, object]:
     out = tok(features=x, quantize=quantize)
     losses = tok.losses(out)
-    logs = {k: float(v) for k, v in losses.items()}
+    logs = {k: float(v.detach()) for k, v in losses.items()}
     logs["tokens"] = float(out.counts.float().mean())
     return losses["total"], logs, out
 
