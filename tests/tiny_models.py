@@ -290,21 +290,11 @@ def tiny_onevision(seed: int = 0, attn: str = "sdpa", aspect: str = "anyres_max_
 
 
 def onevision_batch(model, image_sizes=((40, 60), (64, 64)), seed: int = 0) -> dict:
-    """A left-padded LLaVA-OneVision batch (one image per row) with the exact token counts the model packs."""
-    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+    """A left-padded LLaVA-OneVision batch (one image per row) with the exact token counts the model packs.
 
-    g = torch.Generator().manual_seed(seed)
-    sizes = torch.tensor(image_sizes)
-    n_patches = [image_size_to_num_patches(s, PINPOINTS, 32) for s in sizes]
-    pix = torch.randn(len(sizes), max(n_patches), 3, 32, 32, generator=g)
-    with torch.no_grad():
-        feats = model.model.get_image_features(
-            pixel_values=pix, image_sizes=sizes, return_dict=True
-        ).pooler_output
-    lens = [f.shape[0] for f in feats]
-    seqs = [[1, 5, 6] + [IMG] * lens[0] + [7, 8], [1, 5] + [IMG] * lens[1] + [7, 8, 9]][: len(lens)]
-    ids, am = left_padded(seqs)
-    return {"input_ids": ids, "attention_mask": am, "pixel_values": pix, "image_sizes": sizes}
+    The same batch as :func:`next_batch`: transformers' OneVision ``image_size_to_num_patches`` is a copy of
+    LLaVA-NeXT's, and the token counts are read from the model's own ``get_image_features``."""
+    return next_batch(model, image_sizes, seed)
 
 
 # -- LLaVA-NeXT-Video (reference §2.4) and videos for LLaVA-NeXT-Video / LLaVA-OneVision ----------------
