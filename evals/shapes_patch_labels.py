@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .shapesvqa import _NORMAL_SIZE, _SMALL_SIZE, COLOURS, SHAPES, SceneObject, ShapesVQA, _polygon
 
-__all__ = ["LABEL_CLASSES", "object_patches", "patch_labels", "referenced_objects"]
+__all__ = ["LABEL_CLASSES", "object_patches", "patch_labels", "referenced_groups", "referenced_objects"]
 
 COVER = 0.25  # an object label needs this fraction of the patch
 
@@ -61,15 +61,18 @@ def referenced_objects(objects: list[SceneObject], question: str) -> list[int]:
     """Indices of the objects a ShapesVQA question is about (empty: about nothing, e.g. "is there" → no).
 
     Exact for the generator's templates (``shapesvqa.make_question``): full "<colour> <shape>" names first
-    (existence, position, relation), then "the <shape>" (colour family) or "the <colour> object" (shape
-    family); counting is about every object, "smallest" about the smallest one.
+    (existence, position, relation; in the order the question names them), then "the <shape>" (colour
+    family) or "the <colour> object" (shape family); counting is about every object, "smallest" about the
+    smallest one.
     """
     q = question.lower()
     if q.startswith("how many"):
         return list(range(len(objects)))
     if "smallest" in q:
         return [min(range(len(objects)), key=lambda i: objects[i].size)]
-    named = [i for i, o in enumerate(objects) if re.search(rf"\b{o.colour} {o.shape}\b", q)]
+    # named objects in the order the question mentions them (relation: subject first, then reference)
+    hits = {i: re.search(rf"\b{o.colour} {o.shape}\b", q) for i, o in enumerate(objects)}
+    named = sorted((i for i, m in hits.items() if m), key=lambda i: hits[i].start())
     if named or q.startswith("is there"):
         return named
     m = re.match(r"what color is the (\w+)\?", q)
@@ -79,6 +82,21 @@ def referenced_objects(objects: list[SceneObject], question: str) -> list[int]:
     if m:
         return [i for i, o in enumerate(objects) if o.colour == m.group(1)]
     raise ValueError(f"referenced_objects: question {question!r} matches no ShapesVQA template")
+
+
+def referenced_groups(objects: list[SceneObject], question: str) -> list[list[int]]:
+    """The referenced objects grouped by what one retrieval head should look at.
+
+    A relation question ("is the A left of the B?") needs the two objects' positions *separately* — one
+    head that averages over both cannot tell left from right — so it gives ``[[A], [B]]``; every other
+    question gives one group, ``[referenced_objects(...)]`` (or ``[]`` when it is about nothing).
+    """
+    refs = referenced_objects(objects, question)
+    if not refs:
+        return []
+    q = question.lower()
+    named_two = len(refs) == 2 and not q.startswith("how many") and "smallest" not in q
+    return [[refs[0]], [refs[1]]] if named_two else [refs]
 
 
 def object_patches(

@@ -36,11 +36,11 @@ if __package__ in (None, ""):  # run as a file: make the repo importable (evals/
         LABEL_CLASSES,
         object_patches,
         patch_labels,
-        referenced_objects,
+        referenced_groups,
     )
     from evals.shapesvqa import FAMILIES, ShapesVQA, score  # type: ignore[no-redef]
 else:
-    from .shapes_patch_labels import LABEL_CLASSES, object_patches, patch_labels, referenced_objects
+    from .shapes_patch_labels import LABEL_CLASSES, object_patches, patch_labels, referenced_groups
     from .shapesvqa import FAMILIES, ShapesVQA, score
 
 from mmcompress.zoo import build as zoo_build
@@ -248,10 +248,25 @@ def unfold_standardisation(linear: torch.nn.Linear, mu: torch.Tensor, sd: torch.
     linear.weight.mul_(sd)
 
 
-def train_step_loss(model, name, batch_feats, batch_sizes, seqs, image_token_id, pad_id, eos_id):
+def block_mask(seg: torch.Tensor) -> torch.Tensor:
+    """seg ``(B, L)`` segment ids (0 = ``<s>`` + image, k = k-th QA, -1 = right padding) -> ``(B, L, L)``
+    boolean mask, True = may attend: causal, and a QA sees the image segment and itself only; padding
+    rows attend to themselves (so no row is empty)."""
+    L = seg.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    same = seg[:, :, None] == seg[:, None, :]
+    to_image = (seg[:, None, :] == 0) & (seg[:, :, None] >= 0)
+    return ((same | to_image) & causal) | torch.eye(L, dtype=torch.bool)
+
+
+def train_step_loss(
+    model, name, batch_feats, batch_sizes, seqs, image_token_id, pad_id, eos_id, word_hits=None
+):
     """Cross-entropy on answer positions.
 
     Returns (loss, n_correct, n_targets, n_correct_words, n_words); "words" leaves out the ``</s>`` targets.
+    ``word_hits``, a list if given, is extended with ``(sequence, segment, correct)`` per answer-word
+    target (segment k = the k-th QA), for per-family training accuracy.
     """
     vis = visual_embeds(model, name, batch_feats, batch_sizes)  # (B, T, H)
     B, L = len(seqs), max(len(s[0]) for s in seqs)
@@ -263,11 +278,7 @@ def train_step_loss(model, name, batch_feats, batch_sizes, seqs, image_token_id,
         n = len(s_ids)
         ids[b, :n], tgt[b, :n] = torch.tensor(s_ids), torch.tensor(s_tgt)
         seg[b, :n], pos[b, :n] = torch.tensor(s_seg), torch.tensor(s_pos)
-    # (B, 1, L, L) boolean mask, True = may attend: causal, and a QA sees the image segment and itself only.
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    same = seg[:, :, None] == seg[:, None, :]
-    to_image = (seg[:, None, :] == 0) & (seg[:, :, None] >= 0)
-    mask = ((same | to_image) & causal) | torch.eye(L, dtype=torch.bool)  # padding rows attend to themselves
+    mask = block_mask(seg)
     emb = model.model.language_model.get_input_embeddings()(ids)
     img_mask = (ids == image_token_id).unsqueeze(-1).expand_as(emb)
     emb = emb.masked_scatter(img_mask, vis.to(emb.dtype))
@@ -280,6 +291,9 @@ def train_step_loss(model, name, batch_feats, batch_sizes, seqs, image_token_id,
     loss = F.cross_entropy(logits, y)
     hit = logits.argmax(-1) == y
     words = y != eos_id
+    if word_hits is not None:
+        b_idx = sel.nonzero()[:, 0]
+        word_hits += zip(b_idx[words].tolist(), seg[sel][words].tolist(), hit[words].tolist(), strict=True)
     return loss, int(hit.sum()), int(y.numel()), int(hit[words].sum()), int(words.sum())
 
 
@@ -307,7 +321,9 @@ class RetrievalTap:
 
     def loss(self, rows: torch.Tensor, allowed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """rows: ``[R, 2]`` (sequence, position) of answer rows; allowed: ``[R, L]`` the keys each row may
-        attend to (its mask row); target: ``[R, L]`` the image tokens of the objects the question is about.
+        attend to (its mask row); target: ``[R, heads, L]`` per supervised head, the image tokens it
+        should look at (the objects the question is about; for a relation, alternately the first and the
+        second object).
 
         ``-log`` of the attention mass on the target under the row's real softmax (over every allowed key,
         text and ``<s>`` included — a head cannot satisfy it by keeping a sharp but tiny share on the
@@ -324,22 +340,27 @@ class RetrievalTap:
         k = k * cos[:, :, None].float() + rotate_half(k) * sin[:, :, None].float()
         scores = torch.einsum("rhd,rlhd->rhl", q, k[b]) * a.scaling  # [R, nh, L]
         logp = torch.log_softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
-        hit = torch.logsumexp(logp.masked_fill(~target[:, None], float("-inf")), dim=-1)  # [R, nh]
+        hit = torch.logsumexp(logp.masked_fill(~target, float("-inf")), dim=-1)  # [R, nh]
         return -hit.mean()
 
 
-def retrieval_masks(seqs, rows: list[tuple[int, int]], targets: list[torch.Tensor]):
-    """``(rows [R, 2], allowed [R, L], target [R, L])`` for :meth:`RetrievalTap.loss`; ``allowed`` is the
-    row of the training mask (the image segment and the row's own QA up to itself, as in
-    :func:`train_step_loss`)."""
+def retrieval_masks(seqs, rows: list[tuple[int, int]], groups: list[list[torch.Tensor]], heads: int):
+    """``(rows [R, 2], allowed [R, L], target [R, heads, L])`` for :meth:`RetrievalTap.loss`.
+
+    ``allowed`` is the row of the training mask (the image segment and the row's own QA up to itself, as
+    in :func:`train_step_loss`); ``groups[r]`` holds one or more sequence-index tensors (see
+    ``shapes_patch_labels.referenced_groups``), and head ``h`` is supervised towards group
+    ``h % len(groups[r])``.
+    """
     L = max(len(s[0]) for s in seqs)
     allowed = torch.zeros(len(rows), L, dtype=torch.bool)
-    target = torch.zeros(len(rows), L, dtype=torch.bool)
-    for r, ((b, p), t) in enumerate(zip(rows, targets, strict=True)):
+    target = torch.zeros(len(rows), heads, L, dtype=torch.bool)
+    for r, ((b, p), g) in enumerate(zip(rows, groups, strict=True)):
         seg = torch.tensor(seqs[b][2])
         allowed[r, : len(seg)] = (seg == 0) | (seg == seg[p])
         allowed[r, p + 1 :] = False
-        target[r, t] = True
+        for h in range(heads):
+            target[r, h, g[h % len(g)]] = True
     return torch.tensor(rows), allowed, target
 
 
@@ -611,6 +632,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.model.vision_tower.eval()
     t_train0 = time.time()
     log, ema_loss, ema_acc, ema_word, ema_aux, ema_attn, steps_done = [], None, None, None, None, None, 0
+    fam_hits: dict[str, list[bool]] = {}  # answer-word hits per family since the last log line
     bar = tqdm(range(args.steps), desc=f"train {name}", mininterval=10)
     for step in bar:
         group = group_list[int(rng.integers(len(group_list)))]
@@ -626,6 +648,7 @@ def main(argv: list[str] | None = None) -> dict:
             g["lr"] = lr
         batch_feats = (feats[idx].float() - mu) / sd
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            word_hits: list[tuple[int, int, bool]] = []
             loss, correct, total, w_correct, w_total = train_step_loss(
                 model,
                 name,
@@ -635,7 +658,10 @@ def main(argv: list[str] | None = None) -> dict:
                 tok.image_token_id,
                 tok.pad_token_id,
                 tok.eos_token_id,
+                word_hits=word_hits,
             )
+            for b, k, h in word_hits:
+                fam_hits.setdefault(seq_qas[b][k - 1][2], []).append(h)
             aux = torch.zeros(())
             if heads is not None:
                 # the projector runs twice (here and inside train_step_loss): cheap next to the LM
@@ -651,11 +677,12 @@ def main(argv: list[str] | None = None) -> dict:
                 for (b, pos), (bb, k) in zip(answer_rows(seqs), qa_of_row, strict=True):
                     assert b == bb
                     j = int(idx[b])
-                    refs = referenced_objects(scenes[j], seq_qas[b][k][0])
-                    if refs:  # e.g. "is there a ...?" -> no: nothing to look at
+                    groups = referenced_groups(scenes[j], seq_qas[b][k][0])
+                    if groups:  # e.g. "is there a ...?" -> no: nothing to look at
                         rows.append((b, pos))
-                        targets.append(1 + torch.cat([obj_patches[j][r] for r in refs]))  # after <s>
-                attn = tap.loss(*retrieval_masks(seqs, rows, targets))
+                        # + 1: the image tokens start after <s>
+                        targets.append([1 + torch.cat([obj_patches[j][r] for r in g]) for g in groups])
+                attn = tap.loss(*retrieval_masks(seqs, rows, targets, args.attn_heads))
         opt.zero_grad(set_to_none=True)
         (loss + args.aux_weight * aux + args.attn_weight * attn).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -679,11 +706,13 @@ def main(argv: list[str] | None = None) -> dict:
                     "answer_word_acc": round(ema_word, 4),
                     "aux_loss": round(ema_aux, 4),
                     "attn_loss": round(ema_attn, 4),
+                    "word_acc_per_family": {f: round(float(np.mean(v)), 3) for f, v in fam_hits.items()},
                     "lr": lr,
                     "elapsed_s": round(time.time() - t_train0, 1),
                 }
             )
             print(json.dumps(log[-1]), flush=True)
+            fam_hits = {}
         if args.time_budget_min and time.time() - t_start > 60 * args.time_budget_min:
             print(f"time budget reached after {steps_done} steps", flush=True)
             break

@@ -1,0 +1,158 @@
+"""The embedded model's training recipe (``evals/train_shapes.py``, ``evals/shapes_patch_labels.py``).
+
+What is checked: which objects a question is about and in which order (the retrieval targets), the
+per-head target layout (a relation question splits its two objects across heads), the retrieval loss
+against the attention probabilities an eager Llama layer reports, the block mask, the per-family word
+hits of ``train_step_loss``, and a two-step ``main`` run end to end (report keys, per-family training
+accuracy, shipped weights in ``--out``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaModel
+
+from mmcompress.evals import train_shapes as ts
+from mmcompress.evals.shapes_patch_labels import referenced_groups, referenced_objects
+from mmcompress.evals.shapesvqa import FAMILIES, SceneObject
+from mmcompress.zoo.text import build_tokenizer
+
+SCENE = [
+    SceneObject("circle", "blue", 50, 50, 40, 0.0),
+    SceneObject("square", "red", 250, 60, 40, 0.3),
+    SceneObject("star", "green", 150, 250, 20, 0.1),
+]
+
+
+def test_referenced_objects_follow_the_question_order():
+    # the relation's subject comes first even though it is later in the scene list
+    assert referenced_objects(SCENE, "is the red square left of the blue circle?") == [1, 0]
+    assert referenced_objects(SCENE, "is the blue circle left of the red square?") == [0, 1]
+    assert referenced_objects(SCENE, "what color is the star?") == [2]
+    assert referenced_objects(SCENE, "what shape is the red object?") == [1]
+    assert referenced_objects(SCENE, "how many objects are there?") == [0, 1, 2]
+    assert referenced_objects(SCENE, "what color is the smallest object?") == [2]
+    assert referenced_objects(SCENE, "is there a purple star?") == []
+
+
+def test_referenced_groups_split_relations_only():
+    assert referenced_groups(SCENE, "is the red square above the blue circle?") == [[1], [0]]
+    assert referenced_groups(SCENE, "is the red square on the left or the right?") == [[1]]
+    assert referenced_groups(SCENE[:2], "how many objects are there?") == [[0, 1]]  # two, but one group
+    assert referenced_groups(SCENE, "is there a purple star?") == []
+    with pytest.raises(ValueError, match="matches no ShapesVQA template"):
+        referenced_groups(SCENE, "why?")
+
+
+def _seqs(tok, n_img=5):
+    builder = ts.SequenceBuilder(tok)
+    return [
+        builder.build(n_img, [("what color is the star?", "green", "colour"), ("how many?", "3", "count")]),
+        builder.build(n_img, [("is there a red square?", "yes", "existence")]),
+    ]
+
+
+def test_block_mask_isolates_qas():
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, -1]])
+    m = ts.block_mask(seg)[0]
+    assert m[4, :5].tolist() == [True, True, True, True, True]  # image + own QA, causal
+    assert m[6, :7].tolist() == [True, True, True, False, False, True, True]  # never the first QA
+    assert not m[2, 3]  # causal
+    assert m[7].tolist() == [False] * 7 + [True]  # padding attends to itself only
+
+
+def test_retrieval_masks_alternate_groups_over_heads():
+    tok = build_tokenizer()
+    seqs = _seqs(tok)
+    rows = ts.answer_rows(seqs)
+    assert len(rows) == 3
+    groups = [[torch.tensor([1, 2])], [torch.tensor([3])], [torch.tensor([1]), torch.tensor([4, 5])]]
+    r, allowed, target = ts.retrieval_masks(seqs, rows, groups, heads=3)
+    assert r.tolist() == [list(x) for x in rows]
+    assert target.shape == (3, 3, allowed.shape[1])
+    assert target[0].nonzero()[:, 1].tolist() == [1, 2, 1, 2, 1, 2]  # one group: every head
+    assert target[2, 0].nonzero().flatten().tolist() == [1]  # two groups: heads alternate
+    assert target[2, 1].nonzero().flatten().tolist() == [4, 5]
+    assert target[2, 2].nonzero().flatten().tolist() == [1]
+    seg = torch.tensor(seqs[0][2])
+    b, p = rows[1]
+    assert (
+        allowed[1, : len(seg)].tolist()
+        == (((seg == 0) | (seg == seg[p])) & (torch.arange(len(seg)) <= p)).tolist()
+    )
+
+
+def test_retrieval_loss_matches_eager_attention():
+    """-log of the softmax mass on the targets, per head, from the tap's recomputation == from the
+    probabilities an eager Llama layer returns (the same mask, positions and RoPE)."""
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    seqs = _seqs(tok)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, attn_implementation="eager",
+    )  # fmt: skip
+    lm = LlamaModel(cfg).eval()
+    L = max(len(s[0]) for s in seqs)
+    ids = torch.zeros(len(seqs), L, dtype=torch.long)
+    seg = torch.full((len(seqs), L), -1)
+    pos = torch.zeros(len(seqs), L, dtype=torch.long)
+    for b, (s_ids, _t, s_seg, s_pos) in enumerate(seqs):
+        ids[b, : len(s_ids)], seg[b, : len(s_ids)] = torch.tensor(s_ids), torch.tensor(s_seg)
+        pos[b, : len(s_ids)] = torch.tensor(s_pos)
+    mask = ts.block_mask(seg)[:, None]
+    # eager adds a 4-D mask to the scores, so it needs the additive form; training runs SDPA on the bool
+    # mask itself (True = may attend), and both must give the same hidden states
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    rows = ts.answer_rows(seqs)
+    groups = [[torch.tensor([1, 3])], [torch.tensor([2])], [torch.tensor([1]), torch.tensor([4, 5])]]
+    tap = ts.RetrievalTap(lm.layers[1].self_attn, heads=2)
+    with torch.no_grad():
+        out = lm(input_ids=ids, attention_mask=additive, position_ids=pos, output_attentions=True)
+        got = tap.loss(*ts.retrieval_masks(seqs, rows, groups, heads=2))
+        lm.config._attn_implementation = "sdpa"
+        sdpa = lm(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+    tap.remove()
+    real = seg >= 0
+    torch.testing.assert_close(sdpa[real], out.last_hidden_state[real], rtol=1e-5, atol=1e-5)
+    probs = out.attentions[1]  # (B, heads, L, L)
+    want = []
+    for (b, p), g in zip(rows, groups, strict=True):
+        for h in range(2):
+            want.append(-torch.log(probs[b, h, p, g[h % len(g)]].sum()))
+    torch.testing.assert_close(got, torch.stack(want).mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_train_step_loss_reports_word_hits_per_qa():
+    torch.manual_seed(0)
+    model, _proc, tok = ts.build_untrained("shapes-llava")
+    model.model.language_model.config._attn_implementation = "sdpa"
+    seqs = _seqs(tok, n_img=576)
+    feats = torch.randn(2, 1, 576, 768)
+    hits: list = []
+    _loss, _c, _t, w_correct, w_total = ts.train_step_loss(
+        model, "shapes-llava", feats, None, seqs, tok.image_token_id, tok.pad_token_id, tok.eos_token_id, hits
+    )
+    assert len(hits) == w_total == 3  # one answer word per QA
+    assert sum(h for *_, h in hits) == w_correct
+    assert sorted((b, k) for b, k, _ in hits) == [(0, 1), (0, 2), (1, 1)]
+
+
+def test_main_two_steps_end_to_end(tmp_path):
+    report = ts.main(
+        [
+            *("--model", "shapes-llava", "--images", "8", "--qas", "6", "--qas-per-seq", "4"),
+            *("--steps", "2", "--batch", "2", "--eval-n", "7", "--threads", "1", "--attn-heads", "2"),
+            *("--feature-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "w")),
+            *("--results", str(tmp_path / "r.json")),
+        ]
+    )
+    assert report["steps_done"] == 2
+    assert set(report["test_accuracy_per_family"]) == set(FAMILIES)
+    first = report["train_log"][0]
+    assert set(first["word_acc_per_family"]) <= set(FAMILIES) and first["word_acc_per_family"]
+    assert json.loads((tmp_path / "r.json").read_text())["test_accuracy"] == report["test_accuracy"]
+    assert (tmp_path / "w" / "trained.safetensors").is_file()
