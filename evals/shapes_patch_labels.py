@@ -32,7 +32,15 @@ from tqdm import tqdm
 
 from .shapesvqa import _NORMAL_SIZE, _SMALL_SIZE, COLOURS, SHAPES, SceneObject, ShapesVQA, _polygon
 
-__all__ = ["LABEL_CLASSES", "object_patches", "patch_labels", "referenced_groups", "referenced_objects"]
+__all__ = [
+    "LABEL_CLASSES",
+    "READOUT_KEYS",
+    "object_label",
+    "object_patches",
+    "patch_labels",
+    "referenced_groups",
+    "referenced_objects",
+]
 
 COVER = 0.25  # an object label needs this fraction of the patch
 
@@ -97,6 +105,23 @@ def referenced_groups(objects: list[SceneObject], question: str) -> list[list[in
     q = question.lower()
     named_two = len(refs) == 2 and not q.startswith("how many") and "smallest" not in q
     return [[refs[0]], [refs[1]]] if named_two else [refs]
+
+
+READOUT_KEYS = ("colour", "shape", "size", "row", "col")
+
+
+def object_label(obj: SceneObject, grid: int, patch: int) -> dict[str, int]:
+    """The object's own labels in the class indexing of :func:`LABEL_CLASSES` (colour 1..6, shape 1..4,
+    size bin 1..4, and the grid row / column of its centre): what a retrieval head that looks at it
+    should carry (``train_shapes --readout-weight``)."""
+    side = grid * patch
+    return {
+        "colour": list(COLOURS).index(obj.colour) + 1,
+        "shape": list(SHAPES).index(obj.shape) + 1,
+        "size": _size_bin(obj.size, side),
+        "row": min(int(obj.cy) // patch, grid - 1),
+        "col": min(int(obj.cx) // patch, grid - 1),
+    }
 
 
 def object_patches(

@@ -16,7 +16,13 @@ import torch
 from transformers import LlamaConfig, LlamaModel
 
 from mmcompress.evals import train_shapes as ts
-from mmcompress.evals.shapes_patch_labels import referenced_groups, referenced_objects
+from mmcompress.evals.shapes_patch_labels import (
+    LABEL_CLASSES,
+    READOUT_KEYS,
+    object_label,
+    referenced_groups,
+    referenced_objects,
+)
 from mmcompress.evals.shapesvqa import FAMILIES, SceneObject
 from mmcompress.zoo.text import build_tokenizer
 
@@ -45,6 +51,14 @@ def test_referenced_groups_split_relations_only():
     assert referenced_groups(SCENE, "is there a purple star?") == []
     with pytest.raises(ValueError, match="matches no ShapesVQA template"):
         referenced_groups(SCENE, "why?")
+
+
+def test_object_label_uses_the_label_class_indexing():
+    lab = object_label(SCENE[1], grid=24, patch=14)  # red square at (250, 60), 40 px on a 336 px side
+    assert lab == {"colour": 1, "shape": 2, "size": 2, "row": 4, "col": 17}  # 40 px: lowest third
+    assert set(lab) == set(READOUT_KEYS)
+    classes = LABEL_CLASSES(24)
+    assert all(0 <= lab[k] < classes[k] for k in READOUT_KEYS)
 
 
 def _seqs(tok, n_img=5):
@@ -110,9 +124,17 @@ def test_retrieval_loss_matches_eager_attention():
     rows = ts.answer_rows(seqs)
     groups = [[torch.tensor([1, 3])], [torch.tensor([2])], [torch.tensor([1]), torch.tensor([4, 5])]]
     tap = ts.RetrievalTap(lm.layers[1].self_attn, heads=2)
+    seen = {}
+    o_hook = lm.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
     with torch.no_grad():
         out = lm(input_ids=ids, attention_mask=additive, position_ids=pos, output_attentions=True)
-        got = tap.loss(*ts.retrieval_masks(seqs, rows, groups, heads=2))
+        got, retrieved = tap.loss(*ts.retrieval_masks(seqs, rows, groups, heads=2))
+    o_hook.remove()
+    # what the tap says each head retrieved == the head's slice of the layer's own input to o_proj
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    want_out = torch.stack([seen["x"][b, p].view(-1, hd)[:2] for b, p in rows])
+    torch.testing.assert_close(retrieved, want_out, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
         lm.config._attn_implementation = "sdpa"
         sdpa = lm(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
     tap.remove()
@@ -156,3 +178,4 @@ def test_main_two_steps_end_to_end(tmp_path):
     assert set(first["word_acc_per_family"]) <= set(FAMILIES) and first["word_acc_per_family"]
     assert json.loads((tmp_path / "r.json").read_text())["test_accuracy"] == report["test_accuracy"]
     assert (tmp_path / "w" / "trained.safetensors").is_file()
+    assert report["hyper_parameters"]["readout_weight"] == 1.0 and "readout_loss" in first
