@@ -19,7 +19,10 @@ official signal:
   features from the 32 causal embeddings through a throw-away feature decoder (cosine loss). Phase 2 freezes
   the Q-Former and trains the task layers, the codebook and the heads with the official stage-2 loss
   ``5 L_vq + 2 L_rec + 0.5 L_img``; the image-embedding target (CLIP-ViT-H officially) is the mean of the
-  standardised patch features here.
+  standardised patch features here. The official quantizer (Euclidean, uniform init, gradient-trained)
+  collapsed to 12 of 1024 codes on this data, so by default phase 2 starts the codebook from k-means on
+  the task layer's outputs and restarts dead codes (``--codebook-init official --no-dead-code-restart``
+  gives the official behaviour; the spec allows LaVIT's tricks if the codebook collapses).
 * **LaVIT** phase 1 trains selector + merger + decoder without quantisation (cosine reconstruction of all
   N features + keep-ratio regulariser); phase 2 freezes the selector, initialises the codebook by k-means
   on phase-1 encoder outputs and trains merger + task layer + decoder with VQ (EMA codebook updates with
@@ -165,10 +168,10 @@ class SeedPhase1:
         return 1 - cos, {"rec_cos": float(cos.detach())}
 
 
-def phase2_seed_loss(tok: SeedTokenizer, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
+def phase2_seed_loss(tok: SeedTokenizer, x: torch.Tensor) -> tuple[torch.Tensor, dict, object]:
     out = tok(features=x)
     losses = tok.losses(out, image_target=x.mean(dim=1))
-    return losses["total"], {k: float(v.detach()) for k, v in losses.items()}, out.ids
+    return losses["total"], {k: float(v.detach()) for k, v in losses.items()}, out
 
 
 def lavit_loss(tok: LavitTokenizer, x: torch.Tensor, quantize: bool) -> tuple[torch.Tensor, dict, object]:
@@ -263,6 +266,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pool", type=int, default=None, help="p x p patch pooling (default: 1 SEED, 2 LaVIT)")
     p.add_argument("--keep-ratio", type=float, default=0.5, help="LaVIT target keep ratio rho")
     p.add_argument("--keep-weight", type=float, default=2.0, help="LaVIT keep-ratio weight lambda")
+    p.add_argument(
+        "--codebook-init",
+        choices=("kmeans", "official"),
+        default="kmeans",
+        help="SEED phase 2: k-means on the task layer's outputs (default) or the official uniform "
+        "(-1/K, 1/K) init, which collapsed to 12 of 1024 codes here",
+    )
+    p.add_argument(
+        "--dead-code-restart",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SEED phase 2: move codes unused for ~60 steps onto batch encoder outputs",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--feature-cache", type=Path, default=None, help="folder to keep tower features")
     p.add_argument("--out", type=Path, default=None, help="weights folder (default runs/tokenizers/...)")
@@ -307,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     tok = build_tokenizer(args, width)
     rng = np.random.default_rng(args.seed + 1)
+    restarts: list[int] = []  # SEED phase 2: codes restarted per step
     steps2 = args.steps - args.phase1_steps
     t_train0 = time.time()
     if isinstance(tok, SeedTokenizer):
@@ -325,9 +342,29 @@ def main(argv: list[str] | None = None) -> dict:
         for prm in p1:  # stage 2: the causal Q-Former is frozen (§2.4)
             prm.requires_grad_(False)
         tok.qformer.eval()  # no dropout on a frozen Q-Former
+        if args.codebook_init == "kmeans":
+            with torch.no_grad():  # Euclidean k-means on the task layer's outputs at the start of phase 2
+                zs = torch.cat(
+                    [tok(features=train[s : s + args.batch]).z for s in range(0, n_train, args.batch)]
+                )
+                tok.quantize.embedding.weight.copy_(
+                    kmeans(zs, tok.config.codebook_size, iters=10, cosine=False, seed=args.seed)
+                )
         p2 = [prm for prm in tok.parameters() if prm.requires_grad]
+
+        def restart_step(out) -> None:
+            if args.dead_code_restart:
+                restarts.append(tok.quantize.restart_dead_(out.z, out.ids))
+
         log += _run_phase(
-            "phase2", steps2, p2, lambda idx: phase2_seed_loss(tok, train[idx]), args, rng, n_train
+            "phase2",
+            steps2,
+            p2,
+            lambda idx: phase2_seed_loss(tok, train[idx]),
+            args,
+            rng,
+            n_train,
+            restart_step,
         )
     else:
         tok.train()
@@ -398,6 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
         "test_accuracy": None,  # an LLM reading the ids is trained in a later step
         "test_accuracy_per_family": None,
         "held_out": {"images": args.eval_images, **result},
+        "dead_code_restarts": sum(restarts),
         "tokenizer_config": tok.config.to_dict(),
         "trainable_parameters": sum(x.numel() for x in tok.parameters()),
         "hyper_parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

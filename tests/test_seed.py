@@ -458,6 +458,23 @@ def test_codebook_usage():
     assert codebook_usage(torch.zeros(5, dtype=torch.long), 10)["perplexity"] == pytest.approx(1.0)
 
 
+def test_dead_code_restart_moves_only_unused_codes_onto_batch_vectors():
+    torch.manual_seed(0)
+    book = EuclideanCodebook(8, 4)
+    before = book.weight.detach().clone()
+    z = torch.randn(6, 4)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2])  # codes 3..7 never picked
+    restarted = [book.restart_dead_(z, ids, decay=0.5, threshold=0.05) for _ in range(3)]
+    # usage of an unused code: 1 -> 0.5 -> 0.25 -> 0.125, still above 0.05 after three steps
+    assert restarted == [0, 0, 0]
+    assert book.restart_dead_(z, ids, decay=0.5, threshold=0.05) == 0  # 0.0625
+    assert book.restart_dead_(z, ids, decay=0.5, threshold=0.05) == 5  # 0.03125 < 0.05: codes 3..7
+    assert torch.equal(book.weight[:3], before[:3])  # used codes untouched
+    assert all(any(torch.equal(row, v) for v in z) for row in book.weight[3:])  # moved onto batch vectors
+    assert torch.equal(book.usage[3:], torch.ones(5))
+    assert set(book.state_dict()) == {"embedding.weight"}  # the official single key
+
+
 # -- the LLM vocabulary ----------------------------------------------------------------------------
 def tiny_lm(vocab: int, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
