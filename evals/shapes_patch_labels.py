@@ -36,7 +36,9 @@ __all__ = [
     "LABEL_CLASSES",
     "READOUT_KEYS",
     "object_label",
+    "mention_positions",
     "object_patches",
+    "question_tokens",
     "patch_labels",
     "referenced_groups",
     "referenced_objects",
@@ -105,6 +107,43 @@ def referenced_groups(objects: list[SceneObject], question: str) -> list[list[in
     q = question.lower()
     named_two = len(refs) == 2 and not q.startswith("how many") and "smallest" not in q
     return [[refs[0]], [refs[1]]] if named_two else [refs]
+
+
+def question_tokens(question: str) -> list[str]:
+    """The words and punctuation of a question, as the embedded word-level tokenizer splits them."""
+    return re.findall(r"\w+|[^\w\s]", question.lower())
+
+
+def mention_positions(objects: list[SceneObject], question: str) -> list[int]:
+    """Per group of :func:`referenced_groups`, the index in :func:`question_tokens` of the word that names
+    it: the shape of "<colour> <shape>" (existence, position, both objects of a relation, in order), the
+    shape of "what color is the <shape>?", the colour of "what shape is the <colour> object?", "objects"
+    for counting and "smallest" for the small-object questions.
+
+    Why: the word itself can look the object up — its query depends on the word (and, one layer up, the
+    word before it), not on gathering the whole question first — so the retrieval loss on these rows
+    trains a static word ↔ attribute match, which the "answer:" row can then read from a fixed place.
+    """
+    groups = referenced_groups(objects, question)
+    if not groups:
+        return []
+    toks = question_tokens(question)
+    if toks[:2] == ["how", "many"]:
+        return [toks.index("objects")]
+    if "smallest" in toks:
+        return [toks.index("smallest")]
+    named = [i + 1 for i in range(len(toks) - 1) if toks[i] in COLOURS and toks[i + 1] in SHAPES]
+    if named:
+        if len(named) != len(groups):
+            raise ValueError(
+                f"mention_positions: {question!r} names {len(named)} objects, {len(groups)} groups"
+            )
+        return named
+    if toks[:2] == ["what", "color"]:
+        return [len(toks) - 2]  # "... the <shape> ?"
+    if toks[:2] == ["what", "shape"]:
+        return [toks.index("object") - 1]  # "... the <colour> object ?"
+    raise ValueError(f"mention_positions: question {question!r} matches no ShapesVQA template")
 
 
 READOUT_KEYS = ("colour", "shape", "size", "row", "col")

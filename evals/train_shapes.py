@@ -35,9 +35,11 @@ if __package__ in (None, ""):  # run as a file: make the repo importable (evals/
     from evals.shapes_patch_labels import (  # type: ignore[no-redef]
         LABEL_CLASSES,
         READOUT_KEYS,
+        mention_positions,
         object_label,
         object_patches,
         patch_labels,
+        question_tokens,
         referenced_groups,
     )
     from evals.shapesvqa import FAMILIES, ShapesVQA, score  # type: ignore[no-redef]
@@ -45,9 +47,11 @@ else:
     from .shapes_patch_labels import (
         LABEL_CLASSES,
         READOUT_KEYS,
+        mention_positions,
         object_label,
         object_patches,
         patch_labels,
+        question_tokens,
         referenced_groups,
     )
     from .shapesvqa import FAMILIES, ShapesVQA, score
@@ -382,6 +386,49 @@ def retrieval_masks(seqs, rows: list[tuple[int, int]], groups: list[list[torch.T
     return torch.tensor(rows), allowed, target
 
 
+def retrieval_rows(seqs, seq_qas, scenes, obj_patches, heads, grid, patch, tokenizer=None):
+    """Rows, per-head targets and per-head readout labels for one batch of the retrieval / readout losses.
+
+    Every QA about something contributes its "answer:" row (a relation's two objects on alternate heads);
+    with ``tokenizer`` given, also the row of each word that names an object
+    (``shapes_patch_labels.mention_positions``), all heads towards that one object. Returns ``rows``
+    ``[(sequence, position)]``, ``groups`` (per row, one or more ``[n]`` tensors of sequence positions)
+    and ``labels`` (per row, per head, :func:`~shapes_patch_labels.object_label` of the head's object, or
+    ``-100`` everywhere when the head looks at several objects, as for counting).
+    """
+    rows, groups_out, labels = [], [], []
+    qa_of_row = [(b, k) for b, q in enumerate(seq_qas) for k in range(len(q))]
+
+    def add(row, groups):
+        rows.append(row)
+        groups_out.append([1 + torch.cat([obj_patches[row[0]][r] for r in g]) for g in groups])  # after <s>
+        labels.append(
+            [
+                object_label(scenes[row[0]][g[0]], grid, patch)
+                if len(g) == 1
+                else dict.fromkeys(READOUT_KEYS, -100)
+                for g in (groups[h % len(groups)] for h in range(heads))
+            ]
+        )
+
+    for (b, pos), (bb, k) in zip(answer_rows(seqs), qa_of_row, strict=True):
+        assert b == bb
+        question = seq_qas[b][k][0]
+        groups = referenced_groups(scenes[b], question)
+        if not groups:  # e.g. "is there a ...?" -> no: nothing to look at
+            continue
+        add((b, pos), groups)
+        if tokenizer is not None:
+            words = question_tokens(question)
+            first = pos - len(words) - 1  # the QA reads "question : <words> answer :", pos is the last ":"
+            for g, w in zip(groups, mention_positions(scenes[b], question), strict=True):
+                got = tokenizer.convert_ids_to_tokens(seqs[b][0][first + w])
+                if got != words[w]:
+                    raise RuntimeError(f"mention row of {question!r}: token {got!r}, expected {words[w]!r}")
+                add((b, first + w), [g])
+    return rows, groups_out, labels
+
+
 def answer_rows(seqs: list[tuple[list[int], ...]]) -> list[tuple[int, int]]:
     """(sequence, position) of every "answer:" token in QA order: the first target of each QA segment."""
     rows = []
@@ -541,6 +588,13 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="weight of the readout loss: linear heads on each retrieval head's output must tell the "
         "looked-at object's colour, shape, size bin and grid cell; default: --attn-weight",
+    )
+    p.add_argument(
+        "--mention-rows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also supervise the retrieval heads at the question words that name objects "
+        "(shapes_patch_labels.mention_positions), not only at the 'answer:' row",
     )
     p.add_argument("--attn-layer", type=int, default=1)
     p.add_argument("--attn-heads", type=int, default=2)
@@ -712,25 +766,16 @@ def main(argv: list[str] | None = None) -> dict:
                 ) / len(heads)
             attn, read = torch.zeros(()), torch.zeros(())
             if tap is not None:
-                rows, targets, read_labels = [], [], []
-                qa_of_row = [(b, k) for b, q in enumerate(seq_qas) for k in range(len(q))]
-                for (b, pos), (bb, k) in zip(answer_rows(seqs), qa_of_row, strict=True):
-                    assert b == bb
-                    j = int(idx[b])
-                    groups = referenced_groups(scenes[j], seq_qas[b][k][0])
-                    if groups:  # e.g. "is there a ...?" -> no: nothing to look at
-                        rows.append((b, pos))
-                        # + 1: the image tokens start after <s>
-                        targets.append([1 + torch.cat([obj_patches[j][r] for r in g]) for g in groups])
-                        # per head: the attributes of its one object (-100: a group of several, e.g. count)
-                        read_labels.append(
-                            [
-                                object_label(scenes[j][g[0]], grid, patch)
-                                if len(g) == 1
-                                else dict.fromkeys(READOUT_KEYS, -100)
-                                for g in (groups[h % len(groups)] for h in range(args.attn_heads))
-                            ]
-                        )
+                rows, targets, read_labels = retrieval_rows(
+                    seqs,
+                    seq_qas,
+                    [scenes[int(j)] for j in idx],
+                    [obj_patches[int(j)] for j in idx],
+                    args.attn_heads,
+                    grid,
+                    patch,
+                    tok if args.mention_rows else None,
+                )
                 attn, retrieved = tap.loss(*retrieval_masks(seqs, rows, targets, args.attn_heads))
                 if readout is not None:
                     read = sum(

@@ -19,7 +19,9 @@ from mmcompress.evals import train_shapes as ts
 from mmcompress.evals.shapes_patch_labels import (
     LABEL_CLASSES,
     READOUT_KEYS,
+    mention_positions,
     object_label,
+    question_tokens,
     referenced_groups,
     referenced_objects,
 )
@@ -59,6 +61,47 @@ def test_object_label_uses_the_label_class_indexing():
     assert set(lab) == set(READOUT_KEYS)
     classes = LABEL_CLASSES(24)
     assert all(0 <= lab[k] < classes[k] for k in READOUT_KEYS)
+
+
+@pytest.mark.parametrize(
+    ("question", "words"),
+    [
+        ("is the red square left of the blue circle?", ["square", "circle"]),
+        ("is the blue circle above the red square?", ["circle", "square"]),
+        ("is there a green star?", ["star"]),
+        ("is there a purple star?", []),
+        ("is the red square at the top or the bottom?", ["square"]),
+        ("what color is the star?", ["star"]),
+        ("what shape is the red object?", ["red"]),
+        ("how many objects are there?", ["objects"]),
+        ("what shape is the smallest object?", ["smallest"]),
+    ],
+)
+def test_mention_positions_name_the_referring_word(question, words):
+    toks = question_tokens(question)
+    assert [toks[i] for i in mention_positions(SCENE, question)] == words
+
+
+def test_retrieval_rows_add_mention_rows_with_their_object():
+    tok = build_tokenizer()
+    qas = [("is the red square left of the blue circle?", "no", "relation"), ("how many?", "3", "count")]
+    qas[1] = ("how many objects are there?", "3", "count")
+    seqs = [ts.SequenceBuilder(tok).build(4, qas)]
+    patches = [[torch.tensor([0]), torch.tensor([1]), torch.tensor([2, 3])]]
+    rows, groups, labels = ts.retrieval_rows(seqs, [qas], [SCENE], patches, 2, 24, 14, tok)
+    names = [tok.convert_ids_to_tokens(seqs[0][0][p]) for _b, p in rows]
+    assert names == [":", "square", "circle", ":", "objects"]  # answer row, then its mentions, per QA
+    assert [[g.tolist() for g in gs] for gs in groups] == [
+        [[2], [1]],
+        [[2]],
+        [[1]],
+        [[1, 2, 3, 4]],
+        [[1, 2, 3, 4]],
+    ]
+    assert labels[0][0]["colour"] == 1 and labels[0][1]["colour"] == 3  # red square, blue circle
+    assert labels[3][0]["colour"] == -100  # several objects: no readout
+    rows_only, *_ = ts.retrieval_rows(seqs, [qas], [SCENE], patches, 2, 24, 14, None)
+    assert rows_only == [rows[0], rows[3]]
 
 
 def _seqs(tok, n_img=5):
