@@ -481,12 +481,12 @@ def evaluate(model, processor, name: str, n: int, seed: int, batch_size: int = 8
     }
 
 
-def build_untrained(name: str):
+def build_untrained(name: str, rope_theta: float = 10000.0):
     """``(model, processor, tokenizer)``: the pretrained frozen tower around a fresh LM and projector."""
     tok = build_tokenizer()
     processor = make_processor(name, tok)
     tower = dinov2_tower(SPECS[name].image_size)
-    model = zoo_build.model_class(name)(make_config(name, tower.config, tok))
+    model = zoo_build.model_class(name)(make_config(name, tower.config, tok, rope_theta=rope_theta))
     model.model.vision_tower.load_state_dict(tower.state_dict())
     model.generation_config.update(
         pad_token_id=tok.pad_token_id,
@@ -596,6 +596,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="also supervise the retrieval heads at the question words that name objects "
         "(shapes_patch_labels.mention_positions), not only at the 'answer:' row",
     )
+    p.add_argument(
+        "--rope-theta",
+        type=float,
+        default=10000.0,
+        help="RoPE base of the language model (shipped in its config)",
+    )
     p.add_argument("--attn-layer", type=int, default=1)
     p.add_argument("--attn-heads", type=int, default=2)
     p.add_argument(
@@ -627,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = args.out or shipped_weights_dir(name)
     results_path = args.results or RESULTS_DIR / f"train_{name}.json"
 
-    model, processor, tok = build_untrained(name)
+    model, processor, tok = build_untrained(name, rope_theta=args.rope_theta)
     if args.init_from:
         from safetensors.torch import load_file
 

@@ -376,7 +376,10 @@ def continuous_baseline(path: Path) -> dict | None:
         "test_accuracy_per_family": d["test_accuracy_per_family"],
         "visual_tokens_per_image": d.get("visual_tokens_per_image"),
         "eval": d.get("eval"),
-        "source": str(path),
+        # repo-relative when the report is the repo's own, so results do not name the machine's checkout
+        "source": str(path.relative_to(RESULTS_DIR.parents[1]))
+        if path.resolve().is_relative_to(RESULTS_DIR.parents[1].resolve())
+        else str(path),
     }
 
 

@@ -59,12 +59,19 @@ def _spec(name: str) -> ZooSpec:
     return SPECS[name]
 
 
-def make_config(name: str, vision_config, tokenizer):
-    """A ``LlavaConfig`` / ``LlavaNextConfig`` around ``vision_config`` (a ``Dinov2Config``, spec size)."""
+def make_config(name: str, vision_config, tokenizer, rope_theta: float = 10000.0):
+    """A ``LlavaConfig`` / ``LlavaNextConfig`` around ``vision_config`` (a ``Dinov2Config``, spec size).
+
+    ``rope_theta``: the language model's RoPE base (a larger base leaves more of each head's dimensions
+    nearly position-free over the ~600 tokens between a question and the image, for content lookups).
+    """
     from transformers import LlamaConfig, LlavaConfig, LlavaNextConfig
 
     spec = _spec(name)
+    if not (isinstance(rope_theta, (int, float)) and rope_theta > 0):
+        raise ValueError(f"rope_theta={rope_theta!r} is invalid; allowed: a number > 0")
     text = LlamaConfig(
+        rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
