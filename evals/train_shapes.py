@@ -386,10 +386,13 @@ def retrieval_masks(seqs, rows: list[tuple[int, int]], groups: list[list[torch.T
     return torch.tensor(rows), allowed, target
 
 
-def retrieval_rows(seqs, seq_qas, scenes, obj_patches, heads, grid, patch, tokenizer=None):
+def retrieval_rows(
+    seqs, seq_qas, scenes, obj_patches, heads, grid, patch, tokenizer=None, split_relations=True
+):
     """Rows, per-head targets and per-head readout labels for one batch of the retrieval / readout losses.
 
-    Every QA about something contributes its "answer:" row (a relation's two objects on alternate heads);
+    Every QA about something contributes its "answer:" row (with ``split_relations``, a relation's two
+    objects on alternate heads; without, every head towards both, as the shipped model was trained);
     with ``tokenizer`` given, also the row of each word that names an object
     (``shapes_patch_labels.mention_positions``), all heads towards that one object. Returns ``rows``
     ``[(sequence, position)]``, ``groups`` (per row, one or more ``[n]`` tensors of sequence positions)
@@ -417,7 +420,7 @@ def retrieval_rows(seqs, seq_qas, scenes, obj_patches, heads, grid, patch, token
         groups = referenced_groups(scenes[b], question)
         if not groups:  # e.g. "is there a ...?" -> no: nothing to look at
             continue
-        add((b, pos), groups)
+        add((b, pos), groups if split_relations else [[r for g in groups for r in g]])
         if tokenizer is not None:
             words = question_tokens(question)
             first = pos - len(words) - 1  # the QA reads "question : <words> answer :", pos is the last ":"
@@ -587,12 +590,19 @@ def main(argv: list[str] | None = None) -> dict:
         type=float,
         default=None,
         help="weight of the readout loss: linear heads on each retrieval head's output must tell the "
-        "looked-at object's colour, shape, size bin and grid cell; default: --attn-weight",
+        "looked-at object's colour, shape, size bin and grid cell; default 0 (the shipped recipe)",
+    )
+    p.add_argument(
+        "--split-relations",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="a relation's 'answer:' row supervises its two objects on alternate retrieval heads instead "
+        "of every head on both",
     )
     p.add_argument(
         "--mention-rows",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="also supervise the retrieval heads at the question words that name objects "
         "(shapes_patch_labels.mention_positions), not only at the 'answer:' row",
     )
@@ -621,7 +631,7 @@ def main(argv: list[str] | None = None) -> dict:
     _set_seed(args.seed)
     name, spec = args.model, SPECS[args.model]
     if args.readout_weight is None:
-        args.readout_weight = args.attn_weight
+        args.readout_weight = 0.0
     for field in ("aux_weight", "attn_weight", "readout_weight"):
         if getattr(args, field) is None:
             setattr(args, field, 1.0 if spec.arch == "llava" else 0.0)
@@ -781,6 +791,7 @@ def main(argv: list[str] | None = None) -> dict:
                     grid,
                     patch,
                     tok if args.mention_rows else None,
+                    args.split_relations,
                 )
                 attn, retrieved = tap.loss(*retrieval_masks(seqs, rows, targets, args.attn_heads))
                 if readout is not None:

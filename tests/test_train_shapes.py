@@ -100,8 +100,12 @@ def test_retrieval_rows_add_mention_rows_with_their_object():
     ]
     assert labels[0][0]["colour"] == 1 and labels[0][1]["colour"] == 3  # red square, blue circle
     assert labels[3][0]["colour"] == -100  # several objects: no readout
-    rows_only, *_ = ts.retrieval_rows(seqs, [qas], [SCENE], patches, 2, 24, 14, None)
+    rows_only, groups_only, _ = ts.retrieval_rows(seqs, [qas], [SCENE], patches, 2, 24, 14, None)
     assert rows_only == [rows[0], rows[3]]
+    # the shipped recipe: no split, every head towards both objects of the relation
+    _, unsplit, labels_unsplit = ts.retrieval_rows(seqs, [qas], [SCENE], patches, 2, 24, 14, None, False)
+    assert [g.tolist() for g in unsplit[0]] == [[2, 1]]
+    assert labels_unsplit[0][0]["colour"] == -100
 
 
 def _seqs(tok, n_img=5):
@@ -211,6 +215,7 @@ def test_main_two_steps_end_to_end(tmp_path):
         [
             *("--model", "shapes-llava", "--images", "8", "--qas", "6", "--qas-per-seq", "4"),
             *("--steps", "2", "--batch", "2", "--eval-n", "7", "--threads", "1", "--attn-heads", "2"),
+            *("--split-relations", "--mention-rows", "--readout-weight", "1", "--rope-theta", "1e6"),
             *("--feature-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "w")),
             *("--results", str(tmp_path / "r.json")),
         ]
@@ -222,3 +227,7 @@ def test_main_two_steps_end_to_end(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["test_accuracy"] == report["test_accuracy"]
     assert (tmp_path / "w" / "trained.safetensors").is_file()
     assert report["hyper_parameters"]["readout_weight"] == 1.0 and "readout_loss" in first
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["text_config"]["rope_parameters"] == {
+        "rope_type": "default",
+        "rope_theta": 1e6,
+    }
