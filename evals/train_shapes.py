@@ -319,11 +319,10 @@ class RetrievalTap:
     tokens) that falls on the patches of the objects the question is about. Why: at initialisation every
     head spreads its attention over all 576 image tokens, so the answer loss alone barely tells a head
     *which* handful of patches held the answer and a from-scratch LM stays at its text prior for thousands
-    of steps; this tells it directly. It also hands back what each supervised head retrieved, for the
-    readout loss: measured on the first shipped model, the heads put ~60 % of their mass on the right
-    object and none on the background, yet 40 % of its "what color" answers named a colour absent from
-    the scene — the value path, not the lookup, was what the answer loss alone trained too slowly.
-    SDPA stays on for the forward itself.
+    of steps; this tells it directly. On request it also hands back what each supervised head retrieved,
+    for the readout loss: measured on the first shipped model, the heads put ~60 % of their mass on the
+    right object (the rest on other objects, none on the background), yet 40 % of its "what color"
+    answers named a colour absent from the scene. SDPA stays on for the forward itself.
     """
 
     def __init__(self, attn: torch.nn.Module, heads: int) -> None:
@@ -336,7 +335,9 @@ class RetrievalTap:
     def remove(self) -> None:
         self._h.remove()
 
-    def loss(self, rows: torch.Tensor, allowed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, rows: torch.Tensor, allowed: torch.Tensor, target: torch.Tensor, retrieved: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """rows: ``[R, 2]`` (sequence, position) of answer rows; allowed: ``[R, L]`` the keys each row may
         attend to (its mask row); target: ``[R, heads, L]`` per supervised head, the image tokens it
         should look at (the objects the question is about; for a relation, alternately the first and the
@@ -345,8 +346,9 @@ class RetrievalTap:
         ``-log`` of the attention mass on the target under the row's real softmax (over every allowed key,
         text and ``<s>`` included — a head cannot satisfy it by keeping a sharp but tiny share on the
         image while its output comes from the text), averaged over rows and the first ``heads`` heads;
-        and ``[R, heads, head_dim]``, each supervised head's attention output at each row (before
-        ``o_proj``), which the readout loss asks to carry the looked-at object's attributes.
+        and, if ``retrieved``, ``[R, heads, head_dim]``, each supervised head's attention output at each
+        row (before ``o_proj``), which the readout loss asks to carry the looked-at object's attributes
+        (else None).
         """
         from transformers.models.llama.modeling_llama import rotate_half
 
@@ -360,10 +362,11 @@ class RetrievalTap:
         scores = torch.einsum("rhd,rlhd->rhl", q, k[b]) * a.scaling  # [R, nh, L]
         logp = torch.log_softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
         hit = torch.logsumexp(logp.masked_fill(~target, float("-inf")), dim=-1)  # [R, nh]
+        if not retrieved:
+            return -hit.mean(), None
         # what each supervised head hands on (its attention output before o_proj), for the readout loss
         v = a.v_proj(hs).float().view(hs.shape[0], hs.shape[1], -1, hd)[:, :, :nh]  # [B, L, nh, hd]
-        retrieved = torch.einsum("rhl,rlhd->rhd", logp.exp(), v[b])  # [R, nh, hd]
-        return -hit.mean(), retrieved
+        return -hit.mean(), torch.einsum("rhl,rlhd->rhd", logp.exp(), v[b])  # [R, nh, hd]
 
 
 def retrieval_masks(seqs, rows: list[tuple[int, int]], groups: list[list[torch.Tensor]], heads: int):
@@ -588,9 +591,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--readout-weight",
         type=float,
-        default=None,
+        default=0.0,
         help="weight of the readout loss: linear heads on each retrieval head's output must tell the "
-        "looked-at object's colour, shape, size bin and grid cell; default 0 (the shipped recipe)",
+        "looked-at object's colour, shape, size bin and grid cell; 0 = off (the shipped recipe)",
     )
     p.add_argument(
         "--split-relations",
@@ -630,8 +633,6 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     _set_seed(args.seed)
     name, spec = args.model, SPECS[args.model]
-    if args.readout_weight is None:
-        args.readout_weight = 0.0
     for field in ("aux_weight", "attn_weight", "readout_weight"):
         if getattr(args, field) is None:
             setattr(args, field, 1.0 if spec.arch == "llava" else 0.0)
@@ -793,7 +794,9 @@ def main(argv: list[str] | None = None) -> dict:
                     tok if args.mention_rows else None,
                     args.split_relations,
                 )
-                attn, retrieved = tap.loss(*retrieval_masks(seqs, rows, targets, args.attn_heads))
+                attn, retrieved = tap.loss(
+                    *retrieval_masks(seqs, rows, targets, args.attn_heads), retrieved=readout is not None
+                )
                 if readout is not None:
                     read = sum(
                         F.cross_entropy(
