@@ -24,6 +24,7 @@ from mmcompress.evals.shapes_patch_labels import (
     question_tokens,
     referenced_groups,
     referenced_objects,
+    relation_signs,
 )
 from mmcompress.evals.shapesvqa import FAMILIES, SceneObject
 from mmcompress.zoo.text import build_tokenizer
@@ -106,6 +107,72 @@ def test_retrieval_rows_add_mention_rows_with_their_object():
     _, unsplit, labels_unsplit = ts.retrieval_rows(seqs, [qas], [SCENE], patches, 2, 24, 14, None, False)
     assert [g.tolist() for g in unsplit[0]] == [[2, 1]]
     assert labels_unsplit[0][0]["colour"] == -100
+
+
+def test_relation_signs_follow_the_named_order_and_the_margin():
+    # red square (250, 60) vs blue circle (50, 50): right of it; 10 px apart vertically is within the margin
+    assert relation_signs(SCENE, "is the red square left of the blue circle?", 336) == (0, -100)
+    assert relation_signs(SCENE, "is the blue circle right of the red square?", 336) == (1, -100)
+    # blue circle (50, 50) vs green star (150, 250): left of and above it, both beyond 0.08 * 336 px
+    assert relation_signs(SCENE, "is the blue circle below the green star?", 336) == (1, 1)
+    assert relation_signs(SCENE, "is the green star above the blue circle?", 336) == (0, 0)
+    for q in ("is the red square on the left or the right?", "how many objects are there?"):
+        assert relation_signs(SCENE, q, 336) is None
+
+
+def test_relation_rows_pick_the_relation_answer_rows():
+    tok = build_tokenizer()
+    qas = [
+        ("how many objects are there?", "3", "count"),
+        ("is the blue circle below the green star?", "no", "relation"),
+    ]
+    seqs = [ts.SequenceBuilder(tok).build(4, qas)]
+    rows, targets = ts.relation_rows(seqs, [qas], [SCENE], 336)
+    assert rows == [ts.answer_rows(seqs)[1]]
+    assert targets.tolist() == [[1, 1]]
+    only_count = [ts.SequenceBuilder(tok).build(4, qas[:1])]
+    assert ts.relation_rows(only_count, [qas[:1]], [SCENE], 336)[1].shape == (0, 2)
+
+
+def test_pointer_rows_point_the_relation_answer_row_at_its_two_names():
+    tok = build_tokenizer()
+    qas = [
+        ("is the blue circle below the green star?", "no", "relation"),
+        ("is the red square on the left or the right?", "right", "position"),
+        ("is the green star above the red square?", "no", "relation"),
+    ]
+    seqs = [ts.SequenceBuilder(tok).build(4, qas)]
+    rows, groups = ts.pointer_rows(seqs, [qas], [SCENE])
+    answers = ts.answer_rows(seqs)
+    assert rows == [answers[0], answers[2]]
+    names = [[tok.convert_ids_to_tokens(seqs[0][0][int(g)]) for g in gs] for gs in groups]
+    assert names == [["circle", "star"], ["star", "square"]]  # subject first, then reference
+    # both pointed-at words come before the row, inside its own QA
+    _rows, allowed, target = ts.retrieval_masks(seqs, rows, groups, 2)
+    assert (target <= allowed[:, None]).all() and target.sum(-1).tolist() == [[1, 1], [1, 1]]
+
+
+def test_layer_output_tap_keeps_the_layer_output_and_removes_cleanly():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=50,
+    )
+    lm = LlamaModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    tap = ts.LayerOutputTap(lm.layers[1])
+    with torch.no_grad():
+        out = lm(ids, output_hidden_states=True)
+    torch.testing.assert_close(tap.out, out.hidden_states[2], rtol=0, atol=0)  # [0] is the embeddings
+    tap.remove()
+    tap.out = None
+    with torch.no_grad():
+        lm(ids)
+    assert tap.out is None
 
 
 def _seqs(tok, n_img=5):
@@ -231,3 +298,24 @@ def test_main_two_steps_end_to_end(tmp_path):
         "rope_type": "default",
         "rope_theta": 1e6,
     }
+
+
+def test_main_goes_on_from_a_weights_folder_with_the_relation_loss(tmp_path):
+    common = [
+        *("--model", "shapes-llava", "--images", "8", "--qas", "6", "--qas-per-seq", "6"),
+        *("--batch", "4", "--eval-n", "7", "--threads", "1", "--attn-heads", "2"),
+        *("--split-relations", "--feature-cache", str(tmp_path / "cache")),
+    ]
+    ts.main([*common, "--steps", "1", "--out", str(tmp_path / "a"), "--results", str(tmp_path / "a.json")])
+    report = ts.main(
+        [
+            *common,
+            *("--steps", "3", "--relation-weight", "1", "--init-from", str(tmp_path / "a")),
+            *("--pointer-weight", "1", "--pointer-heads", "2"),
+            *("--out", str(tmp_path / "b"), "--results", str(tmp_path / "b.json")),
+        ]
+    )
+    assert report["hyper_parameters"]["relation_weight"] == 1.0
+    assert all("relation_loss" in row and "pointer_loss" in row for row in report["train_log"])
+    with pytest.raises(ValueError, match="--init-from='nowhere' is invalid"):
+        ts.main([*common, "--steps", "1", "--init-from", "nowhere", "--out", str(tmp_path / "c")])
