@@ -52,7 +52,8 @@ __all__ = [
     "referenced_groups",
     "is_relation",
     "referenced_objects",
-    "relation_signs",
+    "relation_targets",
+    "relation_word_position",
 ]
 
 COVER = 0.25  # an object label needs this fraction of the patch
@@ -129,16 +130,16 @@ def is_relation(objects: list[SceneObject], question: str) -> bool:
     return any(w in toks for w in _RELATION_WORDS) and len(referenced_groups(objects, question)) == 2
 
 
-def relation_signs(objects: list[SceneObject], question: str, side: float) -> tuple[int, int] | None:
-    """For a relation question about A and B ("is the A left of the B?"): ``(A left of B, A above B)``,
-    each 1 / 0, or -100 where the two centres are within the generator's margin on that axis (it never
-    asks about that axis then); ``None`` for every other question.
+def relation_targets(objects: list[SceneObject], question: str, side: float) -> tuple[int, int, int] | None:
+    """For a relation question about A and B ("is the A left of the B?"): ``(A left of B, A above B,
+    word)``, the first two 1 / 0, or -100 where the two centres are within the generator's margin on that
+    axis (it never asks about that axis then), ``word`` the index of the relation word in
+    ``("left", "right", "above", "below")``; ``None`` for every other question.
 
     Why: the answer is the XOR of the relation word and the sign of A - B on its axis, so no single
-    feature correlates with it and the answer loss alone gives the comparison no gradient (measured: the
-    72.0 % model stays at 0.50 on relations, in training too). These two signs depend only on what the
-    retrieval heads fetched, so a head trained to tell them makes the comparison exist for the answer to
-    combine with the word.
+    feature correlates with it and the answer loss alone gives neither part any gradient (measured: the
+    72.0 % model stays at 0.50 on relations, in training too). A probe that must tell the two signs and
+    the word from one residual row makes both parts exist there, for the next layer to combine.
     """
     if not is_relation(objects, question):
         return None
@@ -147,7 +148,19 @@ def relation_signs(objects: list[SceneObject], question: str, side: float) -> tu
     margin = _REL_MARGIN * side
     x = -100 if abs(a.cx - b.cx) <= margin else int(a.cx < b.cx)
     y = -100 if abs(a.cy - b.cy) <= margin else int(a.cy < b.cy)
-    return x, y
+    return x, y, relation_word_index(question)
+
+
+def relation_word_index(question: str) -> int:
+    """Which relation word a relation question asks about: 0 left, 1 right, 2 above, 3 below."""
+    toks = question_tokens(question)
+    return next(i for i, w in enumerate(_RELATION_WORDS) if w in toks)
+
+
+def relation_word_position(question: str) -> int:
+    """Index in :func:`question_tokens` of the relation word of a relation question."""
+    toks = question_tokens(question)
+    return next(i for i, w in enumerate(toks) if w in _RELATION_WORDS)
 
 
 def question_tokens(question: str) -> list[str]:

@@ -42,7 +42,8 @@ if __package__ in (None, ""):  # run as a file: make the repo importable (evals/
         patch_labels,
         question_tokens,
         referenced_groups,
-        relation_signs,
+        relation_targets,
+        relation_word_position,
     )
     from evals.shapesvqa import FAMILIES, ShapesVQA, score  # type: ignore[no-redef]
 else:
@@ -56,7 +57,8 @@ else:
         patch_labels,
         question_tokens,
         referenced_groups,
-        relation_signs,
+        relation_targets,
+        relation_word_position,
     )
     from .shapesvqa import FAMILIES, ShapesVQA, score
 
@@ -440,9 +442,10 @@ def retrieval_rows(
 
 
 def pointer_rows(seqs, seq_qas, scenes) -> tuple[list[tuple[int, int]], list[list[torch.Tensor]]]:
-    """Rows and targets of the pointer loss: each relation's "answer:" row, its first head towards the
-    word naming the subject (A), the second towards the word naming the reference (B)
-    (``shapes_patch_labels.mention_positions``); groups as :func:`retrieval_masks` takes them.
+    """Rows and targets of the pointer loss: each relation's "answer:" row, its heads in turn towards the
+    word naming the subject (A), the word naming the reference (B) (``shapes_patch_labels.
+    mention_positions``) and the relation word; groups as :func:`retrieval_masks` takes them (with two
+    heads only A and B are pointed at).
 
     Why: measured on the 72.0 % model, the retrieval heads at a relation's "answer:" row put the same
     mass on A and B in every head (mean 0.36 / 0.31), so nothing downstream can tell which object is
@@ -458,7 +461,8 @@ def pointer_rows(seqs, seq_qas, scenes) -> tuple[list[tuple[int, int]], list[lis
             continue
         first = pos - len(question_tokens(question)) - 1  # "question : <words> answer :", pos = last ":"
         rows.append((b, pos))
-        groups.append([torch.tensor([first + w]) for w in mention_positions(scenes[b], question)])
+        words = [*mention_positions(scenes[b], question), relation_word_position(question)]
+        groups.append([torch.tensor([first + w]) for w in words])
     return rows, groups
 
 
@@ -478,17 +482,18 @@ class LayerOutputTap:
 
 
 def relation_rows(seqs, seq_qas, scenes, side: float) -> tuple[list[tuple[int, int]], torch.Tensor]:
-    """The "answer:" rows of the relation QAs in a batch and their targets ``[R, 2]``
-    (:func:`~shapes_patch_labels.relation_signs`: A left of B, A above B; -100 = not asked, too close)."""
+    """The "answer:" rows of the relation QAs in a batch and their targets ``[R, 3]``
+    (:func:`~shapes_patch_labels.relation_targets`: A left of B, A above B, with -100 = not asked, too
+    close; the relation word 0..3)."""
     rows, targets = [], []
     qa_of_row = [(b, k) for b, q in enumerate(seq_qas) for k in range(len(q))]
     for (b, pos), (bb, k) in zip(answer_rows(seqs), qa_of_row, strict=True):
         assert b == bb
-        signs = relation_signs(scenes[b], seq_qas[b][k][0], side)
-        if signs is not None:
+        t = relation_targets(scenes[b], seq_qas[b][k][0], side)
+        if t is not None:
             rows.append((b, pos))
-            targets.append(signs)
-    return rows, torch.tensor(targets, dtype=torch.long).reshape(-1, 2)
+            targets.append(t)
+    return rows, torch.tensor(targets, dtype=torch.long).reshape(-1, 3)
 
 
 def answer_rows(seqs: list[tuple[list[int], ...]]) -> list[tuple[int, int]]:
@@ -814,9 +819,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "single-view models only"
             )
         rel_tap = LayerOutputTap(layers[args.relation_layer])
-        # [left-of logits (2), above logits (2)]; the norm because a mid-stack residual is not normalised
+        # logits [left-of (2), above (2), word (4)]; the norm because a mid-stack residual is not normalised
         rel_heads = torch.nn.Sequential(
-            torch.nn.LayerNorm(spec.hidden_size), torch.nn.Linear(spec.hidden_size, 4)
+            torch.nn.LayerNorm(spec.hidden_size), torch.nn.Linear(spec.hidden_size, 8)
         )
 
     pointer_tap = None
@@ -935,8 +940,15 @@ def main(argv: list[str] | None = None) -> dict:
                 r_rows, r_tgt = relation_rows(seqs, seq_qas, [scenes[int(j)] for j in idx], spec.image_size)
                 if r_rows:
                     r_idx = torch.tensor(r_rows)
-                    logits = rel_heads(rel_tap.out[r_idx[:, 0], r_idx[:, 1]]).float().view(-1, 2, 2)
-                    rel = F.cross_entropy(logits.flatten(0, 1), r_tgt.flatten(), ignore_index=-100)
+                    logits = rel_heads(rel_tap.out[r_idx[:, 0], r_idx[:, 1]]).float()
+                    rel = (
+                        sum(
+                            F.cross_entropy(logits[:, lo:hi], r_tgt[:, c], ignore_index=-100)
+                            for c, (lo, hi) in enumerate(((0, 2), (2, 4), (4, 8)))
+                            if (r_tgt[:, c] != -100).any()
+                        )
+                        / 3
+                    )
         opt.zero_grad(set_to_none=True)
         (
             loss

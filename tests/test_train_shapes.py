@@ -24,7 +24,7 @@ from mmcompress.evals.shapes_patch_labels import (
     question_tokens,
     referenced_groups,
     referenced_objects,
-    relation_signs,
+    relation_targets,
 )
 from mmcompress.evals.shapesvqa import FAMILIES, SceneObject
 from mmcompress.zoo.text import build_tokenizer
@@ -109,15 +109,15 @@ def test_retrieval_rows_add_mention_rows_with_their_object():
     assert labels_unsplit[0][0]["colour"] == -100
 
 
-def test_relation_signs_follow_the_named_order_and_the_margin():
+def test_relation_targets_follow_the_named_order_the_margin_and_the_word():
     # red square (250, 60) vs blue circle (50, 50): right of it; 10 px apart vertically is within the margin
-    assert relation_signs(SCENE, "is the red square left of the blue circle?", 336) == (0, -100)
-    assert relation_signs(SCENE, "is the blue circle right of the red square?", 336) == (1, -100)
+    assert relation_targets(SCENE, "is the red square left of the blue circle?", 336) == (0, -100, 0)
+    assert relation_targets(SCENE, "is the blue circle right of the red square?", 336) == (1, -100, 1)
     # blue circle (50, 50) vs green star (150, 250): left of and above it, both beyond 0.08 * 336 px
-    assert relation_signs(SCENE, "is the blue circle below the green star?", 336) == (1, 1)
-    assert relation_signs(SCENE, "is the green star above the blue circle?", 336) == (0, 0)
+    assert relation_targets(SCENE, "is the blue circle below the green star?", 336) == (1, 1, 3)
+    assert relation_targets(SCENE, "is the green star above the blue circle?", 336) == (0, 0, 2)
     for q in ("is the red square on the left or the right?", "how many objects are there?"):
-        assert relation_signs(SCENE, q, 336) is None
+        assert relation_targets(SCENE, q, 336) is None
 
 
 def test_relation_rows_pick_the_relation_answer_rows():
@@ -129,9 +129,9 @@ def test_relation_rows_pick_the_relation_answer_rows():
     seqs = [ts.SequenceBuilder(tok).build(4, qas)]
     rows, targets = ts.relation_rows(seqs, [qas], [SCENE], 336)
     assert rows == [ts.answer_rows(seqs)[1]]
-    assert targets.tolist() == [[1, 1]]
+    assert targets.tolist() == [[1, 1, 3]]
     only_count = [ts.SequenceBuilder(tok).build(4, qas[:1])]
-    assert ts.relation_rows(only_count, [qas[:1]], [SCENE], 336)[1].shape == (0, 2)
+    assert ts.relation_rows(only_count, [qas[:1]], [SCENE], 336)[1].shape == (0, 3)
 
 
 def test_pointer_rows_point_the_relation_answer_row_at_its_two_names():
@@ -146,10 +146,10 @@ def test_pointer_rows_point_the_relation_answer_row_at_its_two_names():
     answers = ts.answer_rows(seqs)
     assert rows == [answers[0], answers[2]]
     names = [[tok.convert_ids_to_tokens(seqs[0][0][int(g)]) for g in gs] for gs in groups]
-    assert names == [["circle", "star"], ["star", "square"]]  # subject first, then reference
-    # both pointed-at words come before the row, inside its own QA
-    _rows, allowed, target = ts.retrieval_masks(seqs, rows, groups, 2)
-    assert (target <= allowed[:, None]).all() and target.sum(-1).tolist() == [[1, 1], [1, 1]]
+    assert names == [["circle", "star", "below"], ["star", "square", "above"]]  # subject, reference, word
+    # the pointed-at words come before the row, inside its own QA
+    _rows, allowed, target = ts.retrieval_masks(seqs, rows, groups, 3)
+    assert (target <= allowed[:, None]).all() and target.sum(-1).tolist() == [[1, 1, 1], [1, 1, 1]]
 
 
 def test_layer_output_tap_keeps_the_layer_output_and_removes_cleanly():
@@ -311,7 +311,7 @@ def test_main_goes_on_from_a_weights_folder_with_the_relation_loss(tmp_path):
         [
             *common,
             *("--steps", "3", "--relation-weight", "1", "--init-from", str(tmp_path / "a")),
-            *("--pointer-weight", "1", "--pointer-heads", "2"),
+            *("--pointer-weight", "1", "--pointer-heads", "3"),
             *("--out", str(tmp_path / "b"), "--results", str(tmp_path / "b.json")),
         ]
     )
