@@ -548,6 +548,13 @@ def evaluate(model, processor, name: str, n: int, seed: int, batch_size: int = 8
     }
 
 
+def weights_rope_theta(folder: Path) -> float:
+    """The RoPE base in a weights folder's ``config.json`` (an embedded model's shipped weights or a
+    previous ``--out``): a model started from those weights must rotate its queries and keys the same way."""
+    text = json.loads((Path(folder) / "config.json").read_text())["text_config"]
+    return float(text.get("rope_parameters", {}).get("rope_theta", 10000.0))
+
+
 def build_untrained(name: str, rope_theta: float = 10000.0):
     """``(model, processor, tokenizer)``: the pretrained frozen tower around a fresh LM and projector."""
     tok = build_tokenizer()
@@ -676,8 +683,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--rope-theta",
         type=float,
-        default=10000.0,
-        help="RoPE base of the language model (shipped in its config)",
+        default=None,
+        help="RoPE base of the language model (shipped in its config); default: the --init-from weights' "
+        "base, else 10000",
     )
     p.add_argument(
         "--relation-weight",
@@ -727,10 +735,8 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = args.out or shipped_weights_dir(name)
     results_path = args.results or RESULTS_DIR / f"train_{name}.json"
 
-    model, processor, tok = build_untrained(name, rope_theta=args.rope_theta)
+    src_dir = None
     if args.init_from:
-        from safetensors.torch import load_file
-
         src_dir = Path(args.init_from)
         if not src_dir.is_dir():
             if args.init_from not in SPECS:
@@ -739,6 +745,12 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{sorted(SPECS)}"
                 )
             src_dir = shipped_weights_dir(args.init_from)
+    if args.rope_theta is None:
+        args.rope_theta = weights_rope_theta(src_dir) if src_dir is not None else 10000.0
+    model, processor, tok = build_untrained(name, rope_theta=args.rope_theta)
+    if src_dir is not None:
+        from safetensors.torch import load_file
+
         src = src_dir / zoo_build.SHIPPED_WEIGHTS_FILE
         init = {k: v.float() for k, v in load_file(str(src)).items()}
         own = model.state_dict()

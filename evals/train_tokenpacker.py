@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = args.out or RUNS_DIR / f"{NAME}-s{args.scale}"
     results_path = args.results or RESULTS_DIR / f"train_tokenpacker_s{args.scale}.json"
 
-    model, processor, tok = ts.build_untrained(NAME)
+    # the shipped LM's RoPE base, so that its weights see the positions they were trained with
+    theta = ts.weights_rope_theta(shipped_weights_dir(args.init_from)) if args.init_from != "none" else 1e4
+    model, processor, tok = ts.build_untrained(NAME, rope_theta=theta)
     packer = install_tokenpacker(
         model, processor, scale=args.scale, feature_layers=args.feature_layers, query_layer=args.query_layer
     )

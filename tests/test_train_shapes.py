@@ -306,7 +306,11 @@ def test_main_goes_on_from_a_weights_folder_with_the_relation_loss(tmp_path):
         *("--batch", "4", "--eval-n", "7", "--threads", "1", "--attn-heads", "2"),
         *("--split-relations", "--feature-cache", str(tmp_path / "cache")),
     ]
-    ts.main([*common, "--steps", "1", "--out", str(tmp_path / "a"), "--results", str(tmp_path / "a.json")])
+    ts.main(
+        [*common, "--steps", "1", "--rope-theta", "1e6", "--out", str(tmp_path / "a")]
+        + ["--results", str(tmp_path / "a.json")]
+    )
+    assert ts.weights_rope_theta(tmp_path / "a") == 1e6
     report = ts.main(
         [
             *common,
@@ -316,6 +320,8 @@ def test_main_goes_on_from_a_weights_folder_with_the_relation_loss(tmp_path):
         ]
     )
     assert report["hyper_parameters"]["relation_weight"] == 1.0
+    # no --rope-theta: the model goes on with the RoPE base its weights were trained with
+    assert report["hyper_parameters"]["rope_theta"] == 1e6 and ts.weights_rope_theta(tmp_path / "b") == 1e6
     assert all("relation_loss" in row and "pointer_loss" in row for row in report["train_log"])
     with pytest.raises(ValueError, match="--init-from='nowhere' is invalid"):
         ts.main([*common, "--steps", "1", "--init-from", "nowhere", "--out", str(tmp_path / "c")])
