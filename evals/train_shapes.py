@@ -409,7 +409,6 @@ def retrieval_rows(
     ``-100`` everywhere when the head looks at several objects, as for counting).
     """
     rows, groups_out, labels = [], [], []
-    qa_of_row = [(b, k) for b, q in enumerate(seq_qas) for k in range(len(q))]
 
     def add(row, groups):
         rows.append(row)
@@ -423,9 +422,7 @@ def retrieval_rows(
             ]
         )
 
-    for (b, pos), (bb, k) in zip(answer_rows(seqs), qa_of_row, strict=True):
-        assert b == bb
-        question = seq_qas[b][k][0]
+    for b, pos, question in answer_rows_with_questions(seqs, seq_qas):
         groups = referenced_groups(scenes[b], question)
         if not groups:  # e.g. "is there a ...?" -> no: nothing to look at
             continue
@@ -453,10 +450,7 @@ def pointer_rows(seqs, seq_qas, scenes) -> tuple[list[tuple[int, int]], list[lis
     later layer that copies from those two words gets A's and B's attributes apart.
     """
     rows, groups = [], []
-    qa_of_row = [(b, k) for b, q in enumerate(seq_qas) for k in range(len(q))]
-    for (b, pos), (bb, k) in zip(answer_rows(seqs), qa_of_row, strict=True):
-        assert b == bb
-        question = seq_qas[b][k][0]
+    for b, pos, question in answer_rows_with_questions(seqs, seq_qas):
         if not is_relation(scenes[b], question):
             continue
         first = pos - len(question_tokens(question)) - 1  # "question : <words> answer :", pos = last ":"
@@ -486,14 +480,24 @@ def relation_rows(seqs, seq_qas, scenes, side: float) -> tuple[list[tuple[int, i
     (:func:`~shapes_patch_labels.relation_targets`: A left of B, A above B, with -100 = not asked, too
     close; the relation word 0..3)."""
     rows, targets = [], []
-    qa_of_row = [(b, k) for b, q in enumerate(seq_qas) for k in range(len(q))]
-    for (b, pos), (bb, k) in zip(answer_rows(seqs), qa_of_row, strict=True):
-        assert b == bb
-        t = relation_targets(scenes[b], seq_qas[b][k][0], side)
+    for b, pos, question in answer_rows_with_questions(seqs, seq_qas):
+        t = relation_targets(scenes[b], question, side)
         if t is not None:
             rows.append((b, pos))
             targets.append(t)
     return rows, torch.tensor(targets, dtype=torch.long).reshape(-1, 3)
+
+
+def answer_rows_with_questions(seqs, seq_qas) -> list[tuple[int, int, str]]:
+    """``(sequence, position, question)`` of every "answer:" row, in QA order: :func:`answer_rows` paired
+    with the QAs each sequence was built from."""
+    qa_of_row = [(b, k) for b, q in enumerate(seq_qas) for k in range(len(q))]
+    out = []
+    for (b, pos), (bb, k) in zip(answer_rows(seqs), qa_of_row, strict=True):
+        if b != bb:
+            raise RuntimeError(f"answer row {pos} of sequence {b} pairs with a QA of sequence {bb}")
+        out.append((b, pos, seq_qas[b][k][0]))
+    return out
 
 
 def answer_rows(seqs: list[tuple[list[int], ...]]) -> list[tuple[int, int]]:
