@@ -401,7 +401,7 @@ def retrieval_rows(
     """Rows, per-head targets and per-head readout labels for one batch of the retrieval / readout losses.
 
     Every QA about something contributes its "answer:" row (with ``split_relations``, a relation's two
-    objects on alternate heads; without, every head towards both, as the shipped model was trained);
+    objects on alternate heads; without, every head towards both, as v1 of shapes-llava was trained);
     with ``tokenizer`` given, also the row of each word that names an object
     (``shapes_patch_labels.mention_positions``), all heads towards that one object. Returns ``rows``
     ``[(sequence, position)]``, ``groups`` (per row, one or more ``[n]`` tensors of sequence positions)
@@ -668,7 +668,8 @@ def main(argv: list[str] | None = None) -> dict:
         type=float,
         default=0.0,
         help="weight of the readout loss: linear heads on each retrieval head's output must tell the "
-        "looked-at object's colour, shape, size bin and grid cell; 0 = off (the shipped recipe)",
+        "looked-at object's colour, shape, size bin and grid cell; 0 = off (the default; `make train-llava` "
+        "uses 1)",
     )
     p.add_argument(
         "--split-relations",
@@ -695,9 +696,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--relation-weight",
         type=float,
         default=0.0,
-        help="weight of the relation auxiliary loss: linear heads on LM layer --relation-layer's output at a "
-        "relation's 'answer:' row must tell whether A is left of / above B (the answer is the XOR of that "
-        "and the relation word, which the answer loss alone does not find); 0 = off (the shipped recipe)",
+        help="weight of the relation probe: linear heads on LM layer --relation-layer's output at a "
+        "relation's 'answer:' row must tell whether A is left of / above B and the relation word (the "
+        "answer is their XOR, which the answer loss alone does not find); 0 = off (the default; stage 2 "
+        "of `make train-llava` uses 1)",
     )
     p.add_argument("--relation-layer", type=int, default=2)
     p.add_argument(
@@ -705,8 +707,8 @@ def main(argv: list[str] | None = None) -> dict:
         type=float,
         default=0.0,
         help="weight of the pointer loss: at a relation's 'answer:' row, the first --pointer-heads heads of "
-        "LM layer --pointer-layer must attend to the word naming the subject, then the reference, "
-        "alternately (pointer_rows); 0 = off (the shipped recipe)",
+        "LM layer --pointer-layer must attend to the word naming the subject, the reference and the "
+        "relation word in turn (pointer_rows); 0 = off (the default; stage 2 of `make train-llava` uses 1)",
     )
     p.add_argument("--pointer-layer", type=int, default=2)
     p.add_argument("--pointer-heads", type=int, default=2)
