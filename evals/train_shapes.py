@@ -730,7 +730,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     _set_seed(args.seed)
     name, spec = args.model, SPECS[args.model]
-    for field in ("aux_weight", "attn_weight", "readout_weight"):
+    for field in ("aux_weight", "attn_weight", "readout_weight", "relation_weight", "pointer_weight"):
         if getattr(args, field) is None:
             setattr(args, field, 1.0 if spec.arch == "llava" else 0.0)
         if getattr(args, field) < 0 or (getattr(args, field) > 0 and spec.arch != "llava"):
@@ -793,7 +793,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise RuntimeError("training sequence layout differs from the processor's prompt")
 
     heads, labels, scenes, tap = None, None, None, None
-    if args.aux_weight > 0 or args.attn_weight > 0:
+    if any(w > 0 for w in (args.aux_weight, args.attn_weight, args.relation_weight, args.pointer_weight)):
         grid = spec.image_size // model.config.vision_config.patch_size
         patch = model.config.vision_config.patch_size
         labels, scenes = patch_labels(

@@ -10,6 +10,7 @@ accuracy, shipped weights in ``--out``).
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -325,3 +326,16 @@ def test_main_goes_on_from_a_weights_folder_with_the_relation_loss(tmp_path):
     assert all("relation_loss" in row and "pointer_loss" in row for row in report["train_log"])
     with pytest.raises(ValueError, match="--init-from='nowhere' is invalid"):
         ts.main([*common, "--steps", "1", "--init-from", "nowhere", "--out", str(tmp_path / "c")])
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--model", "shapes-llava-next", "--relation-weight", "1"], "--relation-weight=1.0"),
+        (["--model", "shapes-llava-next", "--pointer-weight", "1"], "--pointer-weight=1.0"),
+        (["--model", "shapes-llava", "--pointer-weight", "-1"], "--pointer-weight=-1.0"),
+    ],
+)
+def test_relation_losses_reject_bad_weights_before_any_work(argv, field):
+    with pytest.raises(ValueError, match=re.escape(field) + " is invalid"):
+        ts.main(argv)
