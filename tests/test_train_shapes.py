@@ -20,6 +20,7 @@ from mmcompress.evals import train_shapes as ts
 from mmcompress.evals.shapes_patch_labels import (
     LABEL_CLASSES,
     READOUT_KEYS,
+    absent_mention_position,
     mention_positions,
     object_label,
     question_tokens,
@@ -151,6 +152,58 @@ def test_pointer_rows_point_the_relation_answer_row_at_its_two_names():
     # the pointed-at words come before the row, inside its own QA
     _rows, allowed, target = ts.retrieval_masks(seqs, rows, groups, 3)
     assert (target <= allowed[:, None]).all() and target.sum(-1).tolist() == [[1, 1, 1], [1, 1, 1]]
+
+
+def test_absent_mention_position_is_the_shape_word_of_an_absent_object_only():
+    toks = question_tokens("is there a purple star?")
+    assert toks[absent_mention_position(SCENE, "is there a purple star?")] == "star"
+    for q in (
+        "is there a green star?",
+        "what shape is the red object?",
+        "is the red square above the blue circle?",
+    ):
+        assert absent_mention_position(SCENE, q) is None
+
+
+def test_null_rows_send_an_absent_existence_question_to_the_sink():
+    tok = build_tokenizer()
+    qas = [("is there a purple star?", "no", "existence"), ("is there a green star?", "yes", "existence")]
+    seqs = [ts.SequenceBuilder(tok).build(4, qas)]
+    patches = [[torch.tensor([0]), torch.tensor([1]), torch.tensor([2, 3])]]
+    answers = ts.answer_rows(seqs)
+    off, _, _ = ts.retrieval_rows(seqs, [qas], [SCENE], patches, 2, 24, 14, tok)
+    assert off[0] == answers[1]  # by default the absent object's question adds no row
+    rows, groups, labels = ts.retrieval_rows(seqs, [qas], [SCENE], patches, 2, 24, 14, tok, True, True)
+    names = [tok.convert_ids_to_tokens(seqs[0][0][p]) for _b, p in rows]
+    assert names == [":", "star", ":", "star"] and rows[0] == answers[0] and rows[2] == answers[1]
+    assert [[g.tolist() for g in gs] for gs in groups] == [
+        [[0]],
+        [[0]],
+        [[3, 4]],
+        [[3, 4]],
+    ]  # sink; green star
+    assert labels[0] == [dict.fromkeys(READOUT_KEYS, -100)] * 2
+    assert tok.convert_ids_to_tokens(seqs[0][0][0]) == "<s>"
+    _rows, allowed, target = ts.retrieval_masks(seqs, rows, groups, 2)
+    assert (target <= allowed[:, None]).all() and allowed[:, 0].all()  # the sink is visible to every row
+
+
+def test_pointer_rows_for_all_families_point_at_the_naming_word():
+    tok = build_tokenizer()
+    qas = [
+        ("what shape is the red object?", "square", "shape"),
+        ("is there a purple star?", "no", "existence"),
+        ("is the blue circle below the green star?", "no", "relation"),
+        ("how many objects are there?", "3", "count"),
+    ]
+    seqs = [ts.SequenceBuilder(tok).build(4, qas)]
+    assert ts.pointer_rows(seqs, [qas], [SCENE])[0] == [ts.answer_rows(seqs)[2]]  # default: relations
+    rows, groups = ts.pointer_rows(seqs, [qas], [SCENE], all_families=True)
+    assert rows == ts.answer_rows(seqs)
+    names = [[tok.convert_ids_to_tokens(seqs[0][0][int(g)]) for g in gs] for gs in groups]
+    assert names == [["red"], ["star"], ["circle", "star", "below"], ["objects"]]
+    _rows, allowed, target = ts.retrieval_masks(seqs, rows, groups, 3)
+    assert (target <= allowed[:, None]).all() and (target.sum(-1) == 1).all()
 
 
 def test_layer_output_tap_keeps_the_layer_output_and_removes_cleanly():
@@ -316,7 +369,8 @@ def test_main_goes_on_from_a_weights_folder_with_the_relation_loss(tmp_path):
         [
             *common,
             *("--steps", "3", "--relation-weight", "1", "--init-from", str(tmp_path / "a")),
-            *("--pointer-weight", "1", "--pointer-heads", "3"),
+            *("--pointer-weight", "1", "--pointer-heads", "3", "--pointer-all", "--null-rows"),
+            *("--mention-rows", "--readout-weight", "1"),
             *("--out", str(tmp_path / "b"), "--results", str(tmp_path / "b.json")),
         ]
     )
@@ -334,6 +388,8 @@ def test_main_goes_on_from_a_weights_folder_with_the_relation_loss(tmp_path):
         (["--model", "shapes-llava-next", "--relation-weight", "1"], "--relation-weight=1.0"),
         (["--model", "shapes-llava-next", "--pointer-weight", "1"], "--pointer-weight=1.0"),
         (["--model", "shapes-llava", "--pointer-weight", "-1"], "--pointer-weight=-1.0"),
+        (["--model", "shapes-llava", "--pointer-all"], "--pointer-all"),
+        (["--model", "shapes-llava", "--attn-weight", "0", "--null-rows"], "--null-rows"),
     ],
 )
 def test_relation_losses_reject_bad_weights_before_any_work(argv, field):
