@@ -363,18 +363,46 @@ class RetrievalTap:
         hs, (cos, sin) = self.seen["hs"], self.seen["pe"]
         a, hd, nh = self.attn, self.attn.head_dim, self.heads
         b, p = rows[:, 0], rows[:, 1]
-        q = a.q_proj(hs[b, p]).float().view(len(b), -1, hd)[:, :nh]  # [R, nh, hd]
-        k = a.k_proj(hs).float().view(hs.shape[0], hs.shape[1], -1, hd)[:, :, :nh]  # [B, L, nh, hd]
+        q = _head_proj(a.q_proj, hs[b, p], nh, hd)  # [R, nh, hd]
+        k = _head_proj(a.k_proj, hs, nh, hd)  # [B, L, nh, hd]
         q = q * cos[b, p, None].float() + rotate_half(q) * sin[b, p, None].float()
         k = k * cos[:, :, None].float() + rotate_half(k) * sin[:, :, None].float()
-        scores = torch.einsum("rhd,rlhd->rhl", q, k[b]) * a.scaling  # [R, nh, L]
-        logp = torch.log_softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+        scores = _per_sequence(b, lambda sel, s: torch.einsum("rhd,lhd->rhl", q[sel], k[s])) * a.scaling
+        logp = torch.log_softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)  # [R, nh, L]
         hit = torch.logsumexp(logp.masked_fill(~target, float("-inf")), dim=-1)  # [R, nh]
         if not retrieved:
             return -hit.mean(), None
         # what each supervised head hands on (its attention output before o_proj), for the readout loss
-        v = a.v_proj(hs).float().view(hs.shape[0], hs.shape[1], -1, hd)[:, :, :nh]  # [B, L, nh, hd]
-        return -hit.mean(), torch.einsum("rhl,rlhd->rhd", logp.exp(), v[b])  # [R, nh, hd]
+        v = _head_proj(a.v_proj, hs, nh, hd)  # [B, L, nh, hd]
+        probs = logp.exp()
+        return -hit.mean(), _per_sequence(b, lambda sel, s: torch.einsum("rhl,lhd->rhd", probs[sel], v[s]))
+
+
+def _head_proj(linear: torch.nn.Linear, x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """The first ``heads`` heads of a q/k/v projection of ``x [..., hidden]``: ``[..., heads, head_dim]``
+    in fp32 (only those output rows are computed)."""
+    n = heads * head_dim
+    bias = None if linear.bias is None else linear.bias[:n]
+    return F.linear(x, linear.weight[:n], bias).float().unflatten(-1, (heads, head_dim))
+
+
+def _per_sequence(seq_of_row: torch.Tensor, fn) -> torch.Tensor:
+    """``fn(rows_of_s, s)`` for each sequence ``s`` present, stitched back into row order.
+
+    Why: gathering each row's own keys (``k[seq_of_row]``, ``[R, L, heads, head_dim]``) copies the whole
+    sequence once per row — hundreds of MB per step with the mention and pointer rows — where one einsum
+    per sequence reads it once.
+    """
+    out = None
+    for s in seq_of_row.unique().tolist():
+        sel = (seq_of_row == s).nonzero().flatten()
+        part = fn(sel, s)
+        if out is None:
+            out = part.new_zeros((len(seq_of_row), *part.shape[1:]))
+        out = out.index_copy(0, sel, part)
+    if out is None:
+        raise ValueError("_per_sequence: no rows; allowed: at least one row")
+    return out
 
 
 def retrieval_masks(seqs, rows: list[tuple[int, int]], groups: list[list[torch.Tensor]], heads: int):

@@ -297,7 +297,15 @@ def test_retrieval_loss_matches_eager_attention():
     with torch.no_grad():
         out = lm(input_ids=ids, attention_mask=additive, position_ids=pos, output_attentions=True)
         got, retrieved = tap.loss(*ts.retrieval_masks(seqs, rows, groups, heads=2))
+        # rows in any order (sequences interleaved): the same per-row results, in that order
+        back = list(range(len(rows)))[::-1]
+        got_back, retrieved_back = tap.loss(
+            *ts.retrieval_masks(seqs, [rows[i] for i in back], [groups[i] for i in back], heads=2)
+        )
     o_hook.remove()
+    assert len({b for b, _p in rows}) > 1
+    torch.testing.assert_close(retrieved_back, retrieved[back], rtol=0, atol=0)
+    torch.testing.assert_close(got_back, got, rtol=1e-6, atol=1e-6)
     # what the tap says each head retrieved == the head's slice of the layer's own input to o_proj
     hd = cfg.hidden_size // cfg.num_attention_heads
     want_out = torch.stack([seen["x"][b, p].view(-1, hd)[:2] for b, p in rows])
