@@ -157,7 +157,14 @@ def run_compare(
     model, processor = zoo.load(model_name)
     samples = eval_samples(model_name, n, seed)
     machine = machine_info(model)
-    settings = {"model": str(model_name), "n": n, "seed": seed, "batch_size": batch_size}
+    # the weights' id too: rows measured on earlier weights of the same name are never reused
+    settings = {
+        "model": str(model_name),
+        "weights": zoo.weights_fingerprint(model_name),
+        "n": n,
+        "seed": seed,
+        "batch_size": batch_size,
+    }
     done: dict[tuple, dict] = {}
     old_rows: list[dict] = []
     if json_out is not None and Path(json_out).exists():
@@ -179,10 +186,20 @@ def run_compare(
         if json_out is None:
             return
         fresh = {_row_key(r): r for r in rows}
-        merged = [fresh.pop(_row_key(r)) if _row_key(r) in fresh and r in reusable else r for r in old_rows]
+        merged = [
+            fresh.pop(_row_key(r)) if _row_key(r) in fresh and (r in reusable or superseded(r)) else r
+            for r in old_rows
+        ]
         _write_atomic(Path(json_out), merged + list(fresh.values()))
 
     reusable = list(done.values())
+
+    def superseded(row: dict) -> bool:
+        # the same run on earlier weights of this model (or rows from before weights were recorded):
+        # stale, so a fresh row takes its place instead of standing beside it
+        return row.get("weights") != settings["weights"] and all(
+            row.get(k) == v for k, v in settings.items() if k != "weights"
+        )
 
     for method, keep in tqdm(plan, desc=f"compare {model_name}", disable=not progress):
         key = (method, keep)

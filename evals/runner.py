@@ -342,9 +342,12 @@ def _dist() -> _Dist:
 
 
 def _settings(model: str, task: Task, method: str, keep, data, seed: int, max_new: int, style: str) -> dict:
+    from mmcompress.zoo import weights_fingerprint
+
     cfg = None if method == "none" else make_method(method, keep).to_dict()
     return {
         "model": str(model),
+        "weights": weights_fingerprint(model),  # records made with other weights are never mixed in
         "task": task.name,
         "method": method,
         "keep": keep if method != "none" else None,

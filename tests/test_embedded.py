@@ -143,3 +143,18 @@ def test_compare_writes_rows_and_resumes(tmp_path, monkeypatch):
         ("random:seed=1", 0.25),
     ]
     assert merged[:2] == saved
+    # other weights under the same name (a retrained model): every row is measured again and replaces
+    # the stale one in place, never reused and never left beside it
+    assert saved[0]["weights"] == zoo.weights_fingerprint("shapes-llava") != "retrained"
+    calls = []
+    real = cmp.evaluate_config
+    monkeypatch.setattr(cmp.zoo, "weights_fingerprint", lambda name: "retrained")
+    monkeypatch.setattr(cmp, "evaluate_config", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_compare("shapes-llava", ["none", "random"], [0.25], n=3, seed=1, json_out=out, progress=False)
+    assert len(calls) == 2
+    final = json.loads(out.read_text())
+    assert [(r["method"], r["keep"], r["weights"]) for r in final] == [
+        ("none", None, "retrained"),
+        ("random", 0.25, "retrained"),
+        ("random:seed=1", 0.25, saved[0]["weights"]),
+    ]

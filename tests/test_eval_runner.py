@@ -112,6 +112,15 @@ def test_resume_refuses_other_settings(tmp_path):
         _run(tmp_path, FakeBackend(), methods=[], keeps=[], seed=1)
 
 
+def test_resume_refuses_records_made_with_other_weights(tmp_path, monkeypatch):
+    import mmcompress.zoo
+
+    _run(tmp_path, FakeBackend(), methods=[], keeps=[])
+    monkeypatch.setattr(mmcompress.zoo, "weights_fingerprint", lambda name: "retrained")
+    with pytest.raises(ValueError, match="weights.*hub:fake-model.*retrained"):
+        _run(tmp_path, FakeBackend(), methods=[], keeps=[])
+
+
 def test_corrupt_line_in_the_middle_is_an_error(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"id": "1"}\nnot json\n{"id": "2"}\n')

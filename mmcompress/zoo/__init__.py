@@ -14,15 +14,24 @@ They load as standard transformers checkpoints, so every adapter code path is th
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 
-from .build import EMBEDDED, checkpoint_dir, model_class
-from .paths import cache_home
+from .build import EMBEDDED, _fingerprint, checkpoint_dir, model_class
+from .paths import cache_home, shipped_weights_dir
 from .text import answer_from_text, build_prompt
 
-__all__ = ["EMBEDDED", "answer_from_text", "build_prompt", "cache_home", "checkpoint_dir", "load"]
+__all__ = [
+    "EMBEDDED",
+    "answer_from_text",
+    "build_prompt",
+    "cache_home",
+    "checkpoint_dir",
+    "load",
+    "weights_fingerprint",
+]
 
 
 def _class_for_folder(folder: Path):
@@ -74,3 +83,24 @@ def load(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, attn_i
     model = cls.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation).eval()
     processor = AutoProcessor.from_pretrained(folder)
     return model, processor
+
+
+def weights_fingerprint(name_or_path: str | Path) -> str:
+    """A short id of the weights ``load(name_or_path)`` reads, for resumable results: a run must never
+    reuse rows measured on other weights under the same model name.
+
+    Embedded names: a hash of the shipped files (what :func:`checkpoint_dir` names its build after). A
+    local folder: a hash of its files' relative paths, sizes and modification times (hashing the bytes
+    of a multi-GB checkpoint on every run would cost minutes). A hub id: ``"hub:<id>"`` (offline there
+    is nothing to resolve; the id is all a run can check).
+    """
+    if str(name_or_path) in EMBEDDED:
+        return _fingerprint(shipped_weights_dir(str(name_or_path)))
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(x for x in folder.rglob("*") if x.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:12]
+    return f"hub:{name_or_path}"
