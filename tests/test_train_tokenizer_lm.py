@@ -204,7 +204,10 @@ def test_padded_batch_generation_matches_one_by_one(runs):
     assert len({len(tlm.prompt_ids(builder, layout, c, s.question)) for c, s in zip(codes, samples)}) > 1
     batched = tlm.evaluate(lm, text_tok, builder, layout, codes[:7], samples, batch_size=7)
     single = tlm.evaluate(lm, text_tok, builder, layout, codes[:7], samples, batch_size=1)
-    assert batched["predictions"] == single["predictions"] and all(batched["predictions"])
+    assert batched["predictions"] == single["predictions"]
+    # not vacuous: the shipped text LM with fresh image rows answers differently across the samples (an
+    # empty first word can happen for some: the image rows are untrained)
+    assert len(set(batched["predictions"])) >= 3, batched["predictions"]
     assert batched["overall"] == single["overall"]
 
 
