@@ -144,3 +144,29 @@ def test_load_from_folder_matches(llava):
     a = dict(model.named_parameters())["model.multi_modal_projector.linear_1.weight"]
     b = dict(again.named_parameters())["model.multi_modal_projector.linear_1.weight"]
     assert torch.equal(a, b)
+
+
+def test_weights_fingerprint_follows_the_weights(tmp_path):
+    import os
+
+    from mmcompress.zoo import build, weights_fingerprint
+
+    # embedded: the hash the zoo names its build after
+    fp = weights_fingerprint("shapes-llava")
+    assert (
+        fp
+        == build._fingerprint(shipped_weights_dir("shapes-llava"))
+        != weights_fingerprint("shapes-llava-next")
+    )
+    # a folder: changes when a top-level file changes (size or time), not when a subfolder does
+    (tmp_path / "model.safetensors").write_bytes(b"abc")
+    os.utime(tmp_path / "model.safetensors", ns=(1, 1))
+    before = weights_fingerprint(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x").write_text("x")
+    assert weights_fingerprint(tmp_path) == before
+    (tmp_path / "model.safetensors").write_bytes(b"abcd")
+    os.utime(tmp_path / "model.safetensors", ns=(1, 1))
+    assert weights_fingerprint(tmp_path) != before
+    # a hub id: only the id can be checked offline
+    assert weights_fingerprint("org/some-vlm") == "hub:org/some-vlm"

@@ -90,7 +90,7 @@ def weights_fingerprint(name_or_path: str | Path) -> str:
     reuse rows measured on other weights under the same model name.
 
     Embedded names: a hash of the shipped files (what :func:`checkpoint_dir` names its build after). A
-    local folder: a hash of its files' relative paths, sizes and modification times (hashing the bytes
+    local folder: a hash of its top-level files' names, sizes and modification times (hashing the bytes
     of a multi-GB checkpoint on every run would cost minutes). A hub id: ``"hub:<id>"`` (offline there
     is nothing to resolve; the id is all a run can check).
     """
@@ -99,8 +99,10 @@ def weights_fingerprint(name_or_path: str | Path) -> str:
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
         h = hashlib.sha256()
-        for f in sorted(x for x in folder.rglob("*") if x.is_file()):
+        # top-level files only: a checkpoint's config, shards and processor files sit there, and a folder
+        # that holds more (a repository passed as a path) must not cost a walk of its whole tree
+        for f in sorted(x for x in folder.iterdir() if x.is_file()):
             st = f.stat()
-            h.update(f"{f.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:12]
     return f"hub:{name_or_path}"
