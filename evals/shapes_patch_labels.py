@@ -178,11 +178,15 @@ def absent_mention_position(objects: list[SceneObject], question: str) -> int | 
     q = question.lower()
     if not q.startswith("is there") or referenced_objects(objects, question):
         return None
-    toks = question_tokens(question)
-    named = [i + 1 for i in range(len(toks) - 1) if toks[i] in COLOURS and toks[i + 1] in SHAPES]
+    named = _named_shape_positions(question_tokens(question))
     if len(named) != 1:
         raise ValueError(f"absent_mention_position: {question!r} names {len(named)} objects; allowed: 1")
     return named[0]
+
+
+def _named_shape_positions(toks: list[str]) -> list[int]:
+    """Indices of the shape word of each "<colour> <shape>" name in ``toks``, in order."""
+    return [i + 1 for i in range(len(toks) - 1) if toks[i] in COLOURS and toks[i + 1] in SHAPES]
 
 
 def question_tokens(question: str) -> list[str]:
@@ -208,7 +212,7 @@ def mention_positions(objects: list[SceneObject], question: str) -> list[int]:
         return [toks.index("objects")]
     if "smallest" in toks:
         return [toks.index("smallest")]
-    named = [i + 1 for i in range(len(toks) - 1) if toks[i] in COLOURS and toks[i + 1] in SHAPES]
+    named = _named_shape_positions(toks)
     if named:
         if len(named) != len(groups):
             raise ValueError(
